@@ -1,0 +1,180 @@
+"""Orbax checkpoints of a run: WORKDIR/checkpoints/<global step>/{params, train_state, metadata}.
+
+Every checkpoint describes itself (model, config, class names, normalisation, metrics, history, versions), so
+predict and evaluate need nothing but the folder. The latest N and the best by test accuracy are kept; the latest
+is never deleted. A partially written checkpoint (killed mid-save) lives in a tmp folder Orbax ignores, and a
+corrupt one is skipped with a warning in favour of the previous good one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+from cifar_jax.errors import CheckpointError
+
+CHECKPOINTS_SUBDIR = "checkpoints"
+BEST_METRIC = "test_accuracy"
+_VERSIONED_PACKAGES = ("cifar-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
+
+# Orbax logs every save at INFO through absl; a training log does not need that.
+logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+@dataclasses.dataclass
+class Restored:
+    """What a checkpoint holds: numpy pytrees plus its JSON metadata."""
+
+    step: int
+    params: Any
+    train_state: Optional[dict]
+    metadata: dict
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in _VERSIONED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def checkpoint_dir(workdir_or_checkpoints: str | Path) -> Path:
+    """Accept either a run's workdir or its checkpoints/ folder."""
+    path = Path(workdir_or_checkpoints).expanduser().absolute()
+    if path.name == CHECKPOINTS_SUBDIR and not (path / CHECKPOINTS_SUBDIR).exists():
+        return path
+    return path / CHECKPOINTS_SUBDIR
+
+
+def _best_metric(metrics: dict) -> float:
+    return float(metrics[BEST_METRIC])
+
+
+def open_manager(workdir: str | Path, keep_latest: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+    """A CheckpointManager that keeps the latest `keep_latest` and the best by test accuracy.
+
+    `max_to_keep` + `best_fn` together can delete the latest step (shared/FACTS.md), so retention is an explicit
+    preservation policy; `best_fn` is still set because Orbax only writes metrics when it is.
+    """
+    preservation = checkpoint_managers.AnyPreservationPolicy([
+        checkpoint_managers.LatestN(n=keep_latest),
+        checkpoint_managers.BestN(get_metric_fn=_best_metric, n=1, keep_checkpoints_without_metrics=False),
+    ])
+    options = ocp.CheckpointManagerOptions(
+        best_fn=_best_metric,
+        best_mode="max",
+        preservation_policy=preservation,
+        enable_async_checkpointing=not read_only,
+        read_only=read_only,
+        create=not read_only,
+    )
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, params: Any, train_state: dict, metadata: dict,
+         metrics: Optional[dict] = None) -> None:
+    """Start an async save of host (numpy) copies; host copies keep donated device buffers out of the writer's way."""
+    host_params, host_state = jax.device_get((params, train_state))
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardSave(host_params),
+            train_state=ocp.args.StandardSave(host_state),
+            metadata=ocp.args.JsonSave({**metadata, "versions": package_versions()}),
+        ),
+        metrics=metrics,
+        force=True,
+    )
+
+
+def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_params: Any,
+                  abstract_train_state: Optional[dict]) -> Restored:
+    items = {
+        "params": ocp.args.StandardRestore(abstract_params),
+        "metadata": ocp.args.JsonRestore(),
+    }
+    if abstract_train_state is not None:
+        items["train_state"] = ocp.args.StandardRestore(abstract_train_state)
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    params = jax.tree.map(np.asarray, restored["params"])
+    _check_finite(params, step)
+    return Restored(step, params, restored.get("train_state"), dict(restored["metadata"]))
+
+
+def _check_finite(params: Any, step: int) -> None:
+    if not all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params)):
+        raise ValueError(f"checkpoint {step} holds non-finite parameters")
+
+
+def read_metadata(manager: ocp.CheckpointManager, step: int) -> dict:
+    restored = manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+    return dict(restored["metadata"])
+
+
+def resolve_step(manager: ocp.CheckpointManager, step: str | int) -> int:
+    """'latest', 'best' or a step number → an existing step number."""
+    steps = manager.all_steps()
+    where = manager.directory
+    if not steps:
+        raise CheckpointError(f"no checkpoint in {where}: train first with `cifar-jax train --workdir ...`")
+    if step == "latest":
+        return max(steps)
+    if step == "best":
+        best = manager.best_step()
+        return max(steps) if best is None else best
+    try:
+        number = int(step)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"step must be 'best', 'latest' or a number, got {step!r}") from None
+    if number not in steps:
+        raise CheckpointError(f"no checkpoint at step {number} in {where}: available steps {sorted(steps)}")
+    return number
+
+
+def restore_newest_good(manager: ocp.CheckpointManager, abstract_params: Any,
+                        abstract_train_state: dict) -> Optional[Restored]:
+    """The newest checkpoint that restores cleanly; corrupt ones are skipped with a warning. None if there is none."""
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            return _restore_step(manager, step, abstract_params, abstract_train_state)
+        except Exception as error:  # a corrupt checkpoint may fail anywhere inside Orbax or TensorStore
+            warnings.warn(f"checkpoint {step} in {manager.directory} is unreadable ({_first_line(error)}); "
+                          "falling back to the previous one", stacklevel=2)
+    return None
+
+
+def restore_for_inference(location: str | Path, step: str | int, abstract_params_for: Any) -> Restored:
+    """Params and metadata of one checkpoint; `location` is a workdir, its checkpoints/ or one step's folder.
+
+    `abstract_params_for(model_name)` gives the shapes the named model expects.
+    """
+    path = Path(location).expanduser().absolute()
+    if path.name.isdigit() and path.parent.name == CHECKPOINTS_SUBDIR:
+        path, step = path.parent, int(path.name)
+    path = checkpoint_dir(path)
+    if not path.is_dir():
+        raise CheckpointError(f"no checkpoints folder at {path}: pass the --workdir of a training run")
+    manager = open_manager(path, read_only=True)
+    number = resolve_step(manager, step)
+    try:
+        metadata = read_metadata(manager, number)
+        return _restore_step(manager, number, abstract_params_for(metadata["model"]), None)
+    except Exception as error:
+        raise CheckpointError(f"checkpoint {number} in {path} could not be read ({_first_line(error)}): "
+                              "choose another with --step") from None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]

@@ -1,0 +1,376 @@
+"""Training: state, loss, the jitted+pmapped steps, and the loop that strings data → step → eval → checkpoint.
+
+The steps are pure: they take the whole (device-resident, uint8) dataset and this step's indices as arguments,
+so the host only chooses indices and nothing but those crosses to the device per step.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from cifar_jax import checkpoint, parallel
+from cifar_jax.config import TrainConfig, conflicting_fields
+from cifar_jax.data import CIFAR10_MEAN, CIFAR10_STD, CLASS_NAMES, Cifar10, load_cifar10, normalize_images
+from cifar_jax.errors import CheckpointError, ConfigError, TrainingDivergedError
+from cifar_jax.models import create_model
+
+PROGRESS_REFRESH_STEPS = 50  # how often the bar reads metrics back; each read waits for the device
+
+
+class TrainState(NamedTuple):
+    params: Any  # plain nested dict of arrays (nnx.State as a pure dict)
+    opt_state: Any
+    step: jax.Array  # optimizer steps taken so far, int32
+
+
+@dataclasses.dataclass
+class TrainResult:
+    history: list[dict]  # one dict per finished epoch, the same as WORKDIR/metrics.jsonl
+    workdir: Path
+    params: Any  # final parameters as host numpy arrays
+    interrupted: bool = False  # stopped early by SIGINT/SIGTERM after saving a checkpoint
+
+
+# ---------------------------------------------------------------- model, optimizer, loss
+
+
+def create_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    if config.optimizer == "sgd":
+        return optax.sgd(config.learning_rate)
+    if config.optimizer == "adamw":
+        return optax.adamw(config.learning_rate)
+    return optax.adam(config.learning_rate)
+
+
+def init_params(model_name: str, seed: int) -> tuple[nnx.GraphDef, dict]:
+    """The model's structure (static) and its parameters as a plain dict pytree."""
+    graphdef, params = nnx.split(create_model(model_name, seed), nnx.Param)
+    return graphdef, nnx.to_pure_dict(params)
+
+
+def abstract_params(model_name: str) -> dict:
+    """Parameter shapes/dtypes of a model without initialising it (for restoring checkpoints)."""
+    return jax.eval_shape(lambda: init_params(model_name, 0)[1])
+
+
+def apply_model(graphdef: nnx.GraphDef, params: dict, images: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, nnx.State(params))(images)
+
+
+def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-example softmax cross-entropy on integer class ids (Keras's sparse_categorical_crossentropy)."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def empty_running_metrics() -> dict:
+    """Sums over the steps of an epoch so far; kept on the device and threaded through the step."""
+    return {
+        "loss_sum": jnp.zeros((), jnp.float32),
+        "correct": jnp.zeros((), jnp.int32),
+        "count": jnp.zeros((), jnp.int32),
+        "first_nonfinite_step": jnp.full((), -1, jnp.int32),
+    }
+
+
+# ---------------------------------------------------------------- per-device steps (pmapped)
+
+
+def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, standardize: bool) -> Callable:
+    """One data-parallel SGD step on one device's share of the global batch."""
+
+    def train_step(state: TrainState, running: dict, images_all: jax.Array, labels_all: jax.Array,
+                   batch_indices: jax.Array) -> tuple[TrainState, dict]:
+        images = normalize_images(images_all[batch_indices], standardize)
+        labels = labels_all[batch_indices]
+
+        def mean_loss(params):
+            logits = apply_model(graphdef, params, images)
+            return cross_entropy_loss(logits, labels).mean(), logits
+
+        (loss, logits), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params)
+        grads = jax.lax.pmean(grads, parallel.AXIS_NAME)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+
+        batch_loss_sum = jax.lax.psum(loss * labels.shape[0], parallel.AXIS_NAME)
+        finite = jnp.isfinite(batch_loss_sum) & jnp.isfinite(optax.global_norm(grads))
+        first_bad = running["first_nonfinite_step"]
+        running = {
+            "loss_sum": running["loss_sum"] + batch_loss_sum,
+            "correct": running["correct"] + jax.lax.psum((logits.argmax(-1) == labels).sum(), parallel.AXIS_NAME),
+            "count": running["count"] + jax.lax.psum(labels.shape[0], parallel.AXIS_NAME),
+            "first_nonfinite_step": jnp.where((first_bad < 0) & ~finite, state.step, first_bad),
+        }
+        return TrainState(params, opt_state, state.step + 1), running
+
+    return train_step
+
+
+def make_predict_step(graphdef: nnx.GraphDef, standardize: bool) -> Callable:
+    """Logits for one device's share of an evaluation batch."""
+
+    def predict_step(params: dict, images_all: jax.Array, indices: jax.Array) -> jax.Array:
+        return apply_model(graphdef, params, normalize_images(images_all[indices], standardize))
+
+    return predict_step
+
+
+# ---------------------------------------------------------------- host-side helpers
+
+
+def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+    """The shuffled example order of one epoch: a function of (seed, epoch) only, so resuming replays it."""
+    return np.random.default_rng([seed, epoch]).permutation(num_examples).astype(np.int32)
+
+
+def padded_eval_batches(num_examples: int, global_batch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Index batches covering every example exactly once; the last is padded with index 0 and masked out."""
+    batches = []
+    for start in range(0, num_examples, global_batch):
+        indices = np.arange(start, min(start + global_batch, num_examples), dtype=np.int32)
+        mask = np.ones(global_batch, bool)
+        mask[len(indices):] = False
+        batches.append((np.pad(indices, (0, global_batch - len(indices))), mask))
+    return batches
+
+
+class Evaluator:
+    """Logits for every image of a device-resident set, exactly once, whatever the batch and device count."""
+
+    def __init__(self, graphdef: nnx.GraphDef, standardize: bool, global_batch: int, devices: parallel.DeviceSet):
+        self._predict = devices.pmap(make_predict_step(graphdef, standardize))
+        self.global_batch = global_batch
+        self.devices = devices
+
+    def logits(self, params_replicated: Any, images_replicated: jax.Array, num_examples: int) -> np.ndarray:
+        outputs = []
+        for indices, mask in padded_eval_batches(num_examples, self.global_batch):
+            logits = self._predict(params_replicated, images_replicated, self.devices.split(indices))
+            outputs.append((logits, mask))
+        # Reading back only after every batch is queued keeps the device busy.
+        return np.concatenate([np.asarray(l).reshape(-1, l.shape[-1])[m] for l, m in outputs])
+
+
+def loss_and_accuracy(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of host logits against integer labels."""
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    loss = -log_probs[np.arange(len(labels)), labels].mean()
+    return float(loss), float((logits.argmax(-1) == labels).mean())
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """Turn SIGINT/SIGTERM into a flag the loop checks after each step, so it can save and exit cleanly."""
+    requested = {"signal": None}
+
+    def handler(signum, _frame):
+        requested["signal"] = signal.Signals(signum).name
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def write_json_atomically(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_history(workdir: Path, history: list[dict]) -> None:
+    """WORKDIR/metrics.jsonl, one object per finished epoch; rewritten whole so a kill never leaves half a line."""
+    write_json_atomically(workdir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
+
+
+def checkpoint_metadata(config: TrainConfig, dataset_source: str, epoch: int, step_in_epoch: int,
+                        history: list[dict]) -> dict:
+    return {
+        "model": config.model,
+        "config": config.to_dict(),
+        "class_names": list(CLASS_NAMES),
+        "normalization": {"scale": 1 / 255, "standardize": config.standardize,
+                          "mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD)},
+        "epoch": epoch,  # epochs finished
+        "step_in_epoch": step_in_epoch,  # steps of the next epoch already taken (mid-epoch saves)
+        "metrics": history[-1] if history and step_in_epoch == 0 else None,
+        "history": history,
+        "data_source": dataset_source,
+    }
+
+
+# ---------------------------------------------------------------- the run
+
+
+def prepare_workdir(config: TrainConfig) -> Path:
+    """Create the run folder, refusing to mix this run with a different earlier one."""
+    workdir = Path(config.workdir).expanduser()
+    saved_config_path = workdir / "config.json"
+    if saved_config_path.exists():
+        saved = TrainConfig.load(saved_config_path)
+        conflicts = conflicting_fields(saved, config)
+        if conflicts:
+            raise ConfigError(f"{workdir} holds a different run ({'; '.join(conflicts)}): "
+                              "use a new --workdir, or drop the conflicting options to resume it")
+    elif (workdir / "metrics.jsonl").exists():
+        raise ConfigError(f"{workdir} holds results of another run (metrics.jsonl, no config.json): "
+                          "choose a new --workdir so they are not overwritten")
+    has_checkpoints = checkpoint.checkpoint_dir(workdir).is_dir() and any(checkpoint.checkpoint_dir(workdir).iterdir())
+    if has_checkpoints and not config.resume:
+        raise ConfigError(f"{workdir} already has checkpoints and --no-resume was given: "
+                          "choose a new --workdir, or drop --no-resume to continue that run")
+    workdir.mkdir(parents=True, exist_ok=True)
+    if parallel.is_main_process():
+        write_json_atomically(saved_config_path, json.dumps(config.to_dict(), indent=2) + "\n")
+    return workdir
+
+
+@dataclasses.dataclass
+class RunPosition:
+    """Where a run stands: finished epochs, steps into the next one, and the history so far."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    history: list = dataclasses.field(default_factory=list)
+
+
+def restore_or_init(config: TrainConfig, manager, optimizer) -> tuple[nnx.GraphDef, TrainState, dict, RunPosition]:
+    graphdef, params = init_params(config.model, config.seed)
+    state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+    running = empty_running_metrics()
+    if not manager.all_steps():
+        return graphdef, state, running, RunPosition()
+    latest_model = checkpoint.read_metadata(manager, max(manager.all_steps())).get("model")
+    if latest_model != config.model:
+        raise CheckpointError(f"{manager.directory} holds checkpoints of {latest_model}, not {config.model}: "
+                              "use a new --workdir for a different model")
+    template = {"opt_state": state.opt_state, "step": state.step, "running": running}
+    restored = checkpoint.restore_newest_good(manager, params, jax.device_get(template))
+    if restored is None:
+        return graphdef, state, running, RunPosition()
+    meta = restored.metadata
+    train_state = restored.train_state
+    state = TrainState(restored.params, train_state["opt_state"], jnp.asarray(train_state["step"], jnp.int32))
+    return graphdef, state, train_state["running"], RunPosition(meta["epoch"], meta["step_in_epoch"], meta["history"])
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train (or resume) a run as configured; returns the per-epoch history, the workdir and the final params."""
+    config = config.with_workdir().resolved()
+    devices = parallel.DeviceSet.select(config.num_devices)
+    config.check_devices(devices.global_count)
+    workdir = prepare_workdir(config)
+    dataset = load_cifar10(config.data_dir, config.data)
+    optimizer = create_optimizer(config)
+    manager = checkpoint.open_manager(workdir, keep_latest=config.keep_checkpoints)
+    try:
+        graphdef, state, running, position = restore_or_init(config, manager, optimizer)
+        if parallel.is_main_process():
+            write_history(workdir, position.history)
+        with stop_requests() as stop:
+            return _run_epochs(config, workdir, dataset, devices, manager, graphdef, optimizer, state, running, position, stop)
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+
+
+def _run_epochs(config, workdir, dataset: Cifar10, devices: parallel.DeviceSet, manager, graphdef, optimizer,
+                state, running, position, stop):
+    train_step = devices.pmap(make_train_step(graphdef, optimizer, config.standardize), donate_argnums=(0, 1))
+    evaluator = Evaluator(graphdef, config.standardize, config.eval_batch_size, devices)
+    train_images, train_labels = devices.replicate((dataset.train_images, dataset.train_labels))
+    test_images = devices.replicate(dataset.test_images)
+    state, running = devices.replicate((state, running))
+    steps_per_epoch = len(dataset.train_labels) // config.batch_size  # the last partial batch is dropped
+    if steps_per_epoch == 0:
+        raise ConfigError(f"batch_size {config.batch_size} is larger than the {len(dataset.train_labels)} training images")
+    history = list(position.history)
+    show = config.progress and parallel.is_main_process()
+
+    def save(epoch: int, step_in_epoch: int, metrics: Optional[dict]) -> None:
+        host_state = parallel.unreplicate(state)
+        train_state = {"opt_state": host_state.opt_state, "step": host_state.step, "running": parallel.unreplicate(running)}
+        meta = checkpoint_metadata(config, dataset.source, epoch, step_in_epoch, history)
+        checkpoint.save(manager, int(host_state.step), host_state.params, train_state, meta, metrics)
+
+    for epoch in range(position.epoch, config.epochs):
+        first_step = position.step_in_epoch if epoch == position.epoch else 0
+        order = epoch_order(config.seed, epoch, len(dataset.train_labels))
+        bar = tqdm(total=steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{config.epochs}",
+                   disable=not show, leave=False, dynamic_ncols=True)
+        started = time.perf_counter()
+        for step_in_epoch in range(first_step, steps_per_epoch):
+            batch = order[step_in_epoch * config.batch_size:(step_in_epoch + 1) * config.batch_size]
+            state, running = train_step(state, running, train_images, train_labels, devices.split(batch))
+            bar.update(1)
+            if stop["signal"]:
+                _raise_if_diverged(running, epoch)
+                save(epoch, step_in_epoch + 1, None)
+                manager.wait_until_finished()
+                bar.close()
+                print(f"{stop['signal']}: saved a checkpoint at epoch {epoch + 1}, step {step_in_epoch + 1}; "
+                      f"resume with: cifar-jax train --workdir {workdir}", flush=True)
+                return TrainResult(history, workdir, parallel.unreplicate(state).params, interrupted=True)
+            if show and (step_in_epoch + 1) % PROGRESS_REFRESH_STEPS == 0:
+                bar.set_postfix(_running_summary(running, epoch))
+        sums = _raise_if_diverged(running, epoch)
+        epoch_seconds = time.perf_counter() - started
+        bar.close()
+
+        params = state.params
+        test_logits = evaluator.logits(params, test_images, len(dataset.test_labels))
+        test_loss, test_accuracy = loss_and_accuracy(test_logits, dataset.test_labels)
+        steps_run = steps_per_epoch - first_step
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": sums["loss_sum"] / max(sums["count"], 1),
+            "train_accuracy": sums["correct"] / max(sums["count"], 1),
+            "test_loss": test_loss,
+            "test_accuracy": test_accuracy,
+            "epoch_seconds": epoch_seconds,
+            "images_per_second": steps_run * config.batch_size / epoch_seconds if steps_run else 0.0,
+        }
+        history.append(metrics)
+        running = devices.replicate(jax.device_get(empty_running_metrics()))
+        if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs:
+            save(epoch + 1, 0, metrics)
+        if parallel.is_main_process():
+            write_history(workdir, history)
+            print(_epoch_line(metrics), flush=True)
+    return TrainResult(history, workdir, parallel.unreplicate(state).params)
+
+
+def _raise_if_diverged(running_replicated: dict, epoch: int) -> dict:
+    sums = {k: v.item() for k, v in parallel.unreplicate(running_replicated).items()}
+    if sums["first_nonfinite_step"] >= 0:
+        raise TrainingDivergedError(
+            f"loss or gradients became NaN/Inf in epoch {epoch + 1} at step {sums['first_nonfinite_step']}: "
+            "lower --learning-rate; the last good checkpoint is kept")
+    return sums
+
+
+def _running_summary(running_replicated: dict, epoch: int) -> dict:
+    sums = _raise_if_diverged(running_replicated, epoch)
+    count = max(sums["count"], 1)
+    return {"loss": f"{sums['loss_sum'] / count:.4f}", "acc": f"{sums['correct'] / count:.4f}"}
+
+
+def _epoch_line(metrics: dict) -> str:
+    return (f"epoch {metrics['epoch']}: train loss {metrics['train_loss']:.4f} acc {metrics['train_accuracy']:.4f} | "
+            f"test loss {metrics['test_loss']:.4f} acc {metrics['test_accuracy']:.4f} | "
+            f"{metrics['epoch_seconds']:.1f}s, {metrics['images_per_second']:,.0f} img/s")

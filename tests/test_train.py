@@ -1,0 +1,151 @@
+import dataclasses
+import importlib
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from cifar_jax import TrainConfig, train
+from cifar_jax.errors import ConfigError, TrainingDivergedError
+from cifar_jax.parallel import DeviceSet
+from cifar_jax.train import Evaluator, epoch_order, init_params, apply_model, padded_eval_batches
+from learnable import class_coloured_dataset
+
+# `cifar_jax.train` the attribute is the train() function; the module itself is reached this way.
+train_module = importlib.import_module("cifar_jax.train")
+
+METRIC_KEYS = {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "epoch_seconds",
+               "images_per_second"}
+
+
+@pytest.fixture
+def learnable_data(monkeypatch):
+    """Route the trainer's data loading to a small learnable problem (the loader has its own tests)."""
+    dataset = class_coloured_dataset(num_train=512, num_test=101)
+    monkeypatch.setattr(train_module, "load_cifar10", lambda data_dir=None, source="auto": dataset)
+    return dataset
+
+
+def quick_config(tmp_path, **overrides) -> TrainConfig:
+    values = dict(model="model0", epochs=2, batch_size=32, eval_batch_size=40, workdir=str(tmp_path / "run"),
+                  progress=False)
+    return TrainConfig(**{**values, **overrides})
+
+
+def flat(params):
+    return np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(params)])
+
+
+def test_loss_falls_and_accuracy_rises_well_above_chance(tmp_path, learnable_data):
+    result = train(quick_config(tmp_path, epochs=3))
+    history = result.history
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["train_loss"] < 1.0 < np.log(10)
+    assert history[-1]["test_accuracy"] > 0.8  # chance is 0.1
+    assert all(row["images_per_second"] > 0 and row["epoch_seconds"] > 0 for row in history)
+
+
+def test_metrics_and_config_files_are_written(tmp_path, learnable_data):
+    result = train(quick_config(tmp_path))
+    lines = (result.workdir / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert len(rows) == 2 and all(set(row) == METRIC_KEYS for row in rows)
+    assert rows == result.history
+    saved = json.loads((result.workdir / "config.json").read_text())
+    assert saved["model"] == "model0" and saved["optimizer"] == "adam" and saved["learning_rate"] == 1e-3
+
+
+def test_four_devices_give_the_same_parameters_as_one(tmp_path, learnable_data):
+    assert jax.local_device_count() >= 4, "conftest asks for 4 simulated CPU devices"
+    one = train(quick_config(tmp_path, num_devices=1, workdir=str(tmp_path / "one"), epochs=1))
+    four = train(quick_config(tmp_path, num_devices=4, workdir=str(tmp_path / "four"), epochs=1))
+    assert np.max(np.abs(flat(one.params) - flat(four.params))) <= 1e-5
+    assert one.history[0]["train_loss"] == pytest.approx(four.history[0]["train_loss"], abs=1e-5)
+    assert one.history[0]["test_accuracy"] == four.history[0]["test_accuracy"]
+
+
+@pytest.mark.parametrize("num_devices, eval_batch", [(1, 7), (4, 8), (4, 1000)])
+def test_evaluation_covers_every_test_image_exactly_once(num_devices, eval_batch):
+    dataset = class_coloured_dataset(num_train=8, num_test=37)
+    graphdef, params = init_params("model0", seed=3)
+    devices = DeviceSet.select(num_devices)
+    evaluator = Evaluator(graphdef, standardize=False, global_batch=eval_batch, devices=devices)
+    logits = evaluator.logits(devices.replicate(params), devices.replicate(dataset.test_images), 37)
+    expected = apply_model(graphdef, params, dataset.test_images.astype(np.float32) / 255)
+    assert logits.shape == (37, 10)
+    np.testing.assert_allclose(logits, expected, atol=1e-5)
+
+
+def test_padded_eval_batches_mask_only_the_padding():
+    batches = padded_eval_batches(10, 4)
+    indices = np.concatenate([i[m] for i, m in batches])
+    np.testing.assert_array_equal(indices, np.arange(10))
+    assert [int(m.sum()) for _, m in batches] == [4, 4, 2]
+
+
+def test_epoch_order_is_a_reproducible_permutation_that_changes_per_epoch():
+    first = epoch_order(seed=0, epoch=0, num_examples=100)
+    np.testing.assert_array_equal(np.sort(first), np.arange(100))
+    np.testing.assert_array_equal(first, epoch_order(0, 0, 100))
+    assert not np.array_equal(first, epoch_order(0, 1, 100))
+    assert not np.array_equal(first, epoch_order(1, 0, 100))
+
+
+def test_same_seed_reproduces_a_run_exactly(tmp_path, learnable_data):
+    first = train(quick_config(tmp_path, epochs=1, workdir=str(tmp_path / "a")))
+    second = train(quick_config(tmp_path, epochs=1, workdir=str(tmp_path / "b")))
+    np.testing.assert_array_equal(flat(first.params), flat(second.params))
+
+
+def test_resuming_ends_with_the_same_parameters_as_an_uninterrupted_run(tmp_path, learnable_data):
+    straight = train(quick_config(tmp_path, epochs=3, workdir=str(tmp_path / "straight")))
+    resumed_dir = str(tmp_path / "resumed")
+    train(quick_config(tmp_path, epochs=1, workdir=resumed_dir))
+    resumed = train(quick_config(tmp_path, epochs=3, workdir=resumed_dir))
+    np.testing.assert_array_equal(flat(straight.params), flat(resumed.params))
+    assert [row["epoch"] for row in resumed.history] == [1, 2, 3]
+    assert resumed.history[-1]["test_accuracy"] == straight.history[-1]["test_accuracy"]
+
+
+def test_a_finished_run_is_not_trained_again(tmp_path, learnable_data):
+    config = quick_config(tmp_path, epochs=1)
+    first = train(config)
+    again = train(config)
+    assert again.history == first.history
+    np.testing.assert_array_equal(flat(first.params), flat(again.params))
+
+
+def test_huge_learning_rate_stops_with_a_clear_error(tmp_path, learnable_data):
+    with pytest.raises(TrainingDivergedError, match=r"NaN/Inf in epoch 1 at step \d+"):
+        train(quick_config(tmp_path, learning_rate=1e12, optimizer="sgd"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"model": "model7"}, "unknown model 'model7'"),
+    ({"batch_size": 30}, "batch_size 30 does not split evenly over 4 devices"),
+    ({"learning_rate": -0.1}, "learning_rate must be a positive number"),
+    ({"epochs": 0}, "epochs must be a positive integer"),
+    ({"optimizer": "lion"}, "unknown optimizer 'lion'"),
+    ({"num_devices": 64}, "num_devices 64 is not available"),
+])
+def test_invalid_config_fails_before_any_compute(tmp_path, overrides, message, monkeypatch):
+    monkeypatch.setattr(train_module, "load_cifar10", lambda *a, **k: pytest.fail("data was loaded"))
+    with pytest.raises(ConfigError, match=message):
+        train(quick_config(tmp_path, **overrides))
+    assert not (tmp_path / "run").exists()
+
+
+def test_workdir_of_a_different_run_is_refused(tmp_path, learnable_data):
+    train(quick_config(tmp_path, epochs=1))
+    with pytest.raises(ConfigError, match=r"holds a different run \(learning_rate: 0.001 in the run vs 0.01"):
+        train(quick_config(tmp_path, epochs=1, learning_rate=0.01))
+    with pytest.raises(ConfigError, match="already has checkpoints and --no-resume was given"):
+        train(quick_config(tmp_path, epochs=2, resume=False))
+
+
+def test_model2_preset_is_sgd_at_0_01():
+    config = TrainConfig(model="model2").resolved()
+    assert (config.optimizer, config.learning_rate) == ("sgd", 0.01)
+    assert dataclasses.replace(TrainConfig(model="model2"), learning_rate=0.1).resolved().learning_rate == 0.1
