@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import logging
+import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -144,13 +146,21 @@ def resolve_step(manager: ocp.CheckpointManager, step: str | int) -> int:
 
 def restore_newest_good(manager: ocp.CheckpointManager, abstract_params: Any,
                         abstract_train_state: dict) -> Optional[Restored]:
-    """The newest checkpoint that restores cleanly; corrupt ones are skipped with a warning. None if there is none."""
+    """The newest checkpoint that restores cleanly, or None if there is none.
+
+    Corrupt ones are moved aside to WORKDIR/corrupt_checkpoints/ (kept for inspection, out of Orbax's way so the
+    run can save that step again) with a warning.
+    """
     for step in sorted(manager.all_steps(), reverse=True):
         try:
             return _restore_step(manager, step, abstract_params, abstract_train_state)
         except Exception as error:  # a corrupt checkpoint may fail anywhere inside Orbax or TensorStore
+            quarantine = Path(manager.directory).parent / "corrupt_checkpoints" / f"{step}-{int(time.time())}"
             warnings.warn(f"checkpoint {step} in {manager.directory} is unreadable ({_first_line(error)}); "
-                          "falling back to the previous one", stacklevel=2)
+                          f"falling back to the previous one and moving it to {quarantine}", stacklevel=2)
+            quarantine.parent.mkdir(exist_ok=True)
+            shutil.move(str(Path(manager.directory) / str(step)), quarantine)
+            manager.reload()
     return None
 
 

@@ -52,6 +52,37 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_run_evaluation_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by `evaluate` and `plot`: which run, which checkpoint, which data, how many devices."""
+    from cifar_jax.config import DATA_SOURCES
+
+    parser.add_argument("--workdir", required=True, help="the training run's folder")
+    parser.add_argument("--step", default="best",
+                        help="checkpoint: best (by test accuracy), latest, or a step number (default: best)")
+    parser.add_argument("--data-dir", default=None, help="dataset folder (default: the one the run was trained on)")
+    parser.add_argument("--data", choices=DATA_SOURCES, default=None, help="data source (default: the run's own)")
+    parser.add_argument("--num-devices", type=int, default=None, help="use only the first N local devices (default: all)")
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from cifar_jax.evaluate import evaluate, format_result
+
+    result = evaluate(args.workdir, args.step, num_devices=args.num_devices, data_dir=args.data_dir, data=args.data)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_result(result))
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from cifar_jax.report import report_run
+
+    run_report = report_run(args.workdir, args.step, args.images or (), args.data_dir, args.data, args.num_devices)
+    print("\n".join(str(path) for path in run_report.plots.values()))
+    print(f"report: {run_report.report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cifar_jax.config import TrainConfig
 
@@ -63,6 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
                                        description="Train a model; on a workdir with checkpoints, resume it.")
     add_config_flags(train_parser, TrainConfig)
     train_parser.set_defaults(handler=_train)
+
+    evaluate_parser = commands.add_parser(
+        "evaluate", help="test loss, accuracy, per-class metrics and confusion matrix of a checkpoint",
+        description="Evaluate a checkpoint on every test image of the run's dataset (or the one given).")
+    _add_run_evaluation_flags(evaluate_parser)
+    evaluate_parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    evaluate_parser.set_defaults(handler=_evaluate)
+
+    plot_parser = commands.add_parser(
+        "plot", help="draw a run's plots into WORKDIR/plots/ and write WORKDIR/report.md",
+        description="Training curves, confusion matrices, test images with predictions, the most confused pairs "
+                    "and (with --images) your own images with their top classes, plus a one-page report.md.")
+    _add_run_evaluation_flags(plot_parser)
+    plot_parser.add_argument("--images", nargs="+", metavar="PATH", default=None,
+                             help="image files to classify and show with their top classes")
+    plot_parser.set_defaults(handler=_plot)
     return parser
 
 

@@ -19,3 +19,7 @@ class CheckpointError(CifarJaxError):
 
 class TrainingDivergedError(CifarJaxError):
     """Loss or gradients became NaN/Inf."""
+
+
+class InputError(CifarJaxError):
+    """An image, file or array given for prediction cannot be used."""

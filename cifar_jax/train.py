@@ -111,7 +111,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
             "loss_sum": running["loss_sum"] + batch_loss_sum,
             "correct": running["correct"] + jax.lax.psum((logits.argmax(-1) == labels).sum(), parallel.AXIS_NAME),
             "count": running["count"] + jax.lax.psum(labels.shape[0], parallel.AXIS_NAME),
-            "first_nonfinite_step": jnp.where((first_bad < 0) & ~finite, state.step, first_bad),
+            "first_nonfinite_step": jnp.where((first_bad < 0) & ~finite, state.step + 1, first_bad),
         }
         return TrainState(params, opt_state, state.step + 1), running
 
@@ -221,22 +221,20 @@ def prepare_workdir(config: TrainConfig) -> Path:
     """Create the run folder, refusing to mix this run with a different earlier one."""
     workdir = Path(config.workdir).expanduser()
     saved_config_path = workdir / "config.json"
+    checkpoints = checkpoint.checkpoint_dir(workdir)
+    has_checkpoints = checkpoints.is_dir() and any(checkpoints.iterdir())
     if saved_config_path.exists():
-        saved = TrainConfig.load(saved_config_path)
-        conflicts = conflicting_fields(saved, config)
+        conflicts = conflicting_fields(TrainConfig.load(saved_config_path), config)
         if conflicts:
             raise ConfigError(f"{workdir} holds a different run ({'; '.join(conflicts)}): "
                               "use a new --workdir, or drop the conflicting options to resume it")
-    elif (workdir / "metrics.jsonl").exists():
+    elif (workdir / "metrics.jsonl").exists() and not has_checkpoints:
         raise ConfigError(f"{workdir} holds results of another run (metrics.jsonl, no config.json): "
                           "choose a new --workdir so they are not overwritten")
-    has_checkpoints = checkpoint.checkpoint_dir(workdir).is_dir() and any(checkpoint.checkpoint_dir(workdir).iterdir())
     if has_checkpoints and not config.resume:
         raise ConfigError(f"{workdir} already has checkpoints and --no-resume was given: "
                           "choose a new --workdir, or drop --no-resume to continue that run")
     workdir.mkdir(parents=True, exist_ok=True)
-    if parallel.is_main_process():
-        write_json_atomically(saved_config_path, json.dumps(config.to_dict(), indent=2) + "\n")
     return workdir
 
 
@@ -280,7 +278,8 @@ def train(config: TrainConfig) -> TrainResult:
     manager = checkpoint.open_manager(workdir, keep_latest=config.keep_checkpoints)
     try:
         graphdef, state, running, position = restore_or_init(config, manager, optimizer)
-        if parallel.is_main_process():
+        if parallel.is_main_process():  # only now that the workdir is known to hold this run
+            write_json_atomically(workdir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
             write_history(workdir, position.history)
         with stop_requests() as stop:
             return _run_epochs(config, workdir, dataset, devices, manager, graphdef, optimizer, state, running, position, stop)
@@ -359,7 +358,7 @@ def _raise_if_diverged(running_replicated: dict, epoch: int) -> dict:
     sums = {k: v.item() for k, v in parallel.unreplicate(running_replicated).items()}
     if sums["first_nonfinite_step"] >= 0:
         raise TrainingDivergedError(
-            f"loss or gradients became NaN/Inf in epoch {epoch + 1} at step {sums['first_nonfinite_step']}: "
+            f"loss or gradients became NaN/Inf in epoch {epoch + 1} at step {sums['first_nonfinite_step']} of the run: "
             "lower --learning-rate; the last good checkpoint is kept")
     return sums
 

@@ -1,0 +1,440 @@
+"""Prediction: images from anywhere (arrays, files, folders, PIL images) → 32×32 uint8 → class probabilities.
+
+Every input is first turned into a 32×32×3 uint8 image on the host (PIL converts the mode and resizes with
+antialiasing), so one jitted, pmapped step with a fixed batch shape serves them all: a new number or size of
+images never recompiles. Folders are streamed in chunks, so a folder of any size fits in memory, and a bad file
+is reported next to the good ones instead of stopping the job.
+
+    predictor = Predictor.from_checkpoint("checkpoints/model0-run", step="best")
+    predictor.predict(images_nhwc_uint8).class_names
+    for row in predictor.predict_paths("photos/"): print(row.path, row.top_k(3))
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from cifar_jax import checkpoint
+from cifar_jax.data import CIFAR10_MEAN, CIFAR10_STD, normalize_images
+from cifar_jax.errors import CheckpointError, InputError
+from cifar_jax.models import IMAGE_SHAPE
+from cifar_jax.parallel import DeviceSet
+from cifar_jax.train import abstract_params, apply_model, init_params
+
+MODEL_SIZE = (IMAGE_SHAPE[1], IMAGE_SHAPE[0])  # (width, height), PIL's order
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # found in folders
+# Below PIL's own warning threshold (89M), so a file whose header claims a huge image is refused before decoding.
+MAX_IMAGE_PIXELS = 64_000_000
+# Antialiased: a large image shrunk to 32×32 keeps its average colours instead of aliasing.
+RESAMPLING = Image.Resampling.LANCZOS
+DEFAULT_BATCH_SIZE = 256  # images per device step (all devices together); padded, so any N uses the same shape
+ERROR_MODES = ("raise", "skip")
+_HIGH_BIT_DEPTH_GREY_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+
+ImageInput = Union[np.ndarray, str, os.PathLike, Image.Image]
+
+
+# ---------------------------------------------------------------- results
+
+
+def top_classes(probabilities: np.ndarray, class_names: Sequence[str], k: int) -> list[tuple[str, float]]:
+    """The k most likely (class name, probability) pairs of one image, most likely first."""
+    order = np.argsort(-probabilities, kind="stable")[:k]
+    return [(class_names[i], float(probabilities[i])) for i in order]
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictions:
+    """One row per usable input image, in input order."""
+
+    probabilities: np.ndarray  # (N, num_classes) float32
+    inputs: tuple[str, ...]  # what each row came from: a file path, or images[i] for arrays and PIL images
+    classes: tuple[str, ...]  # the model's class names; class id i is classes[i]
+    errors: tuple[tuple[str, str], ...] = ()  # (input, message) of each input skipped with errors="skip"
+
+    @property
+    def class_ids(self) -> np.ndarray:
+        return self.probabilities.argmax(-1)
+
+    @property
+    def class_names(self) -> list[str]:
+        """The predicted class name of each image."""
+        return [self.classes[i] for i in self.class_ids]
+
+    def top_k(self, k: int = 3) -> list[list[tuple[str, float]]]:
+        return [top_classes(row, self.classes, k) for row in self.probabilities]
+
+    def __len__(self) -> int:
+        return len(self.probabilities)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImagePrediction:
+    """The result for one file of `predict_paths`: probabilities, or the error that kept it from being read."""
+
+    path: str
+    classes: tuple[str, ...]
+    probabilities: Optional[np.ndarray] = None  # (num_classes,) float32; None when `error` is set
+    error: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def class_id(self) -> int:
+        return int(self.probabilities.argmax())
+
+    @property
+    def label(self) -> str:
+        return self.classes[self.class_id]
+
+    @property
+    def probability(self) -> float:
+        return float(self.probabilities.max())
+
+    def top_k(self, k: int = 3) -> list[tuple[str, float]]:
+        return top_classes(self.probabilities, self.classes, k)
+
+    def to_json(self, k: int = 3) -> dict:
+        """The CLI's --json record: path, label, probability, top_k as [name, probability] pairs; or path, error."""
+        if not self.ok:
+            return {"path": self.path, "error": self.error}
+        return {"path": self.path, "label": self.label, "probability": round(self.probability, 6),
+                "top_k": [[name, round(p, 6)] for name, p in self.top_k(k)]}
+
+
+# ---------------------------------------------------------------- images → 32×32 uint8
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB: 16-bit greys scaled down, transparency composited onto white."""
+    if image.mode in _HIGH_BIT_DEPTH_GREY_MODES:
+        # convert("RGB") would clip 16-bit values at 255 (a nearly white image); scale 0..65535 to 0..255 instead.
+        grey = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+        image = Image.fromarray(np.rint(grey / 257).astype(np.uint8))
+    if image.has_transparency_data:
+        # What lies under transparent pixels is arbitrary; white is what a viewer shows.
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def resize_to_model(image_rgb: Image.Image) -> np.ndarray:
+    """An RGB image as the model's 32×32×3 uint8 input (the whole image, stretched if not square)."""
+    if image_rgb.size != MODEL_SIZE:
+        image_rgb = image_rgb.resize(MODEL_SIZE, RESAMPLING)
+    return np.asarray(image_rgb, dtype=np.uint8)
+
+
+def pil_to_model_image(image: Image.Image) -> np.ndarray:
+    """A PIL image, upright as its EXIF orientation says, as the model's 32×32×3 uint8 input."""
+    return resize_to_model(to_rgb(ImageOps.exif_transpose(image)))
+
+
+def read_image_file(path: Union[str, os.PathLike]) -> np.ndarray:
+    """The model's 32×32×3 uint8 input from an image file (an animation's first frame); InputError names the file."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path} is a folder: pass image files, or use predict_paths (the CLI does) to walk folders")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path} is empty (0 bytes): not an image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                _refuse_huge(image.size, path)
+                if image.format == "JPEG":
+                    # libjpeg can decode at 1/2, 1/4 or 1/8 scale: a big photo needs only a fraction of the work.
+                    image.draft(None, (MODEL_SIZE[0] * 2, MODEL_SIZE[1] * 2))
+                return pil_to_model_image(image)
+    except InputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(f"{path} claims an image over {MAX_IMAGE_PIXELS:,} pixels: refused as a possible "
+                         "decompression bomb; shrink it first") from None
+    except UnidentifiedImageError:
+        raise InputError(f"{path} is not an image file PIL can read (expected PNG, JPEG, BMP, GIF, WebP, TIFF…)") from None
+    except Exception as error:  # corrupt data can fail anywhere inside a decoder, with any exception type
+        raise InputError(f"{path} could not be decoded ({type(error).__name__}: {error}): "
+                         "the file may be truncated or corrupt") from None
+
+
+def _refuse_huge(size: tuple[int, int], path: Path) -> None:
+    width, height = size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise InputError(f"{path} claims {width}×{height} pixels, over the {MAX_IMAGE_PIXELS:,} limit: refused as "
+                         "a possible decompression bomb; shrink it first")
+
+
+Failures = list[tuple[str, InputError]]  # (name of the input or image, what was wrong with it)
+
+
+def array_to_model_images(array: Any, name: str) -> tuple[np.ndarray, list[str], Failures]:
+    """(N,H,W,3) or (H,W,3), uint8 0..255 or float 0..1 → (model images, their names, errors of rows left out).
+
+    A wrong rank, channel count or dtype spoils the whole array (InputError); NaN or out-of-range values
+    spoil only their own image.
+    """
+    array = np.asarray(array)
+    images = array[None] if array.ndim == 3 else array
+    if images.ndim != 4:
+        raise InputError(f"{name} has shape {array.shape}: expected RGB images shaped (N, H, W, 3) or (H, W, 3)")
+    if images.shape[-1] != 3:
+        raise InputError(f"{name} has {images.shape[-1]} channels (shape {array.shape}): expected 3 (RGB); "
+                         "convert grey or RGBA images to RGB first")
+    if 0 in images.shape[1:3]:
+        raise InputError(f"{name} has shape {array.shape}: an image needs at least one pixel")
+    row_names = [name] if array.ndim == 3 else [f"{name}[{i}]" for i in range(len(images))]
+    images_uint8, row_errors = _as_uint8(images, row_names, name)
+    bad_rows = sorted(row_errors)
+    failures = [(row_names[i], row_errors[i]) for i in bad_rows]
+    if bad_rows:
+        images_uint8 = np.delete(images_uint8, bad_rows, axis=0)
+        row_names = [n for i, n in enumerate(row_names) if i not in row_errors]
+    return _resize_array(images_uint8), row_names, failures
+
+
+def _as_uint8(images: np.ndarray, row_names: list[str], name: str) -> tuple[np.ndarray, dict[int, InputError]]:
+    """uint8 as is; floats in [0, 1] rounded to 8 bits (all the model ever saw); bad float rows reported by index."""
+    if images.dtype == np.uint8:
+        return images, {}
+    if not np.issubdtype(images.dtype, np.floating):
+        raise InputError(f"{name} has dtype {images.dtype}: pass uint8 pixels (0..255) or floats in [0, 1]")
+    flat = images.reshape(len(images), -1)
+    has_nan = np.isnan(flat).any(axis=1)
+    out_of_range = ((flat < 0) | (flat > 1)).any(axis=1) & ~has_nan
+    errors = {int(i): InputError(f"{row_names[i]} contains NaN: pixel values must be numbers in [0, 1]")
+              for i in np.flatnonzero(has_nan)}
+    for i in np.flatnonzero(out_of_range):
+        errors[int(i)] = InputError(
+            f"{row_names[i]} has float values outside [0, 1] (min {flat[i].min():g}, max {flat[i].max():g}): "
+            "scale float images to [0, 1], or pass uint8 0..255")
+    valid = np.where(np.isfinite(images), images, 0)
+    return np.rint(np.clip(valid, 0, 1) * 255).astype(np.uint8), errors
+
+
+def _resize_array(images_uint8: np.ndarray) -> np.ndarray:
+    """Through the same PIL resize as files, so an array and a file of the same picture give the same answer."""
+    if images_uint8.shape[1:3] == IMAGE_SHAPE[:2]:
+        return images_uint8
+    resized = [resize_to_model(Image.fromarray(image)) for image in images_uint8]
+    return np.stack(resized) if resized else np.empty((0,) + IMAGE_SHAPE, np.uint8)
+
+
+def model_images(source: Any, name: str) -> tuple[np.ndarray, list[str], Failures]:
+    """One input of `predict` (array, path or PIL image) → (model images, their names, errors of rows left out)."""
+    if isinstance(source, (str, os.PathLike)):
+        return read_image_file(source)[None], [name], []
+    if isinstance(source, Image.Image):
+        return pil_to_model_image(source)[None], [name], []
+    if isinstance(source, np.ndarray) or hasattr(source, "__array__"):
+        return array_to_model_images(source, name)
+    raise InputError(f"{name} is a {type(source).__name__}: pass a numpy array, a file path or a PIL image")
+
+
+def _named_inputs(images: Any) -> list[tuple[str, Any]]:
+    """Each input with the name errors and results call it by: its path, or its position."""
+    items = list(enumerate(images)) if isinstance(images, (list, tuple)) else [(None, images)]
+    return [(os.fspath(item) if isinstance(item, (str, os.PathLike)) else
+             "images" if i is None else f"images[{i}]", item) for i, item in items]
+
+
+# ---------------------------------------------------------------- folders
+
+
+def image_files(paths_or_directory: Union[str, os.PathLike, Iterable]) -> Iterator[Path]:
+    """Files to predict, lazily: explicit paths as given (any name), folders walked recursively for image files.
+
+    A folder with no image files is yielded itself, so it is reported rather than silently skipped.
+    """
+    paths = [paths_or_directory] if isinstance(paths_or_directory, (str, os.PathLike)) else paths_or_directory
+    for path in map(Path, paths):
+        if not path.is_dir():
+            yield path  # a missing or unreadable file is reported when it is read
+            continue
+        found = False
+        for file in _walk_images(path):
+            found = True
+            yield file
+        if not found:
+            yield path
+
+
+def _walk_images(folder: Path) -> Iterator[Path]:
+    for root, dirnames, filenames in os.walk(folder):
+        dirnames.sort()  # a stable order, so reruns list results the same way
+        for filename in sorted(filenames):
+            if filename.lower().endswith(IMAGE_EXTENSIONS):
+                yield Path(root) / filename
+
+
+def _read_or_error(path: Path) -> Union[np.ndarray, InputError]:
+    if path.is_dir():  # image_files yields only folders without images
+        return InputError(f"{path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    try:
+        return read_image_file(path)
+    except InputError as error:
+        return error
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+# ---------------------------------------------------------------- the model step
+
+
+def make_probabilities_step(graphdef: nnx.GraphDef, standardize: bool) -> Callable:
+    """Class probabilities for one device's share of a batch of 32×32 uint8 images (normalised on the device)."""
+
+    def probabilities_step(params: dict, images_nhwc_uint8: jax.Array) -> jax.Array:
+        logits = apply_model(graphdef, params, normalize_images(images_nhwc_uint8, standardize))
+        return jax.nn.softmax(logits, axis=-1)
+
+    return probabilities_step
+
+
+def _check_errors_mode(errors: str) -> None:
+    if errors not in ERROR_MODES:
+        raise InputError(f"errors must be 'raise' or 'skip', got {errors!r}")
+
+
+def _check_normalization(normalization: dict, location: Any) -> None:
+    """normalize_images applies the package's constants; a checkpoint trained with others would be misread."""
+    expected = {"scale": 1 / 255, "mean": CIFAR10_MEAN, "std": CIFAR10_STD}
+    for key, value in expected.items():
+        if not np.allclose(normalization.get(key, value), value):
+            raise CheckpointError(f"checkpoint in {location} was trained with normalization {key}="
+                                  f"{normalization[key]}, but this version applies {value}: predict with the "
+                                  "cifar-jax version that trained it")
+
+
+class Predictor:
+    """A restored model ready for images of any kind and number, spread over all local devices."""
+
+    def __init__(self, graphdef: nnx.GraphDef, params: dict, class_names: Sequence[str], standardize: bool,
+                 batch_size: int = DEFAULT_BATCH_SIZE, devices: Optional[DeviceSet] = None,
+                 metadata: Optional[dict] = None, step: Optional[int] = None):
+        self.devices = devices or DeviceSet.select()
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        # A whole number per device; the batch size only changes speed, never results, so round up quietly.
+        self.batch_size = math.ceil(batch_size / self.devices.num_local) * self.devices.num_local
+        self.class_names = tuple(class_names)
+        self.metadata = metadata or {}
+        self.step = step
+        self.trace_count = 0  # how often JAX traced (= compiled) the step; stays 1 whatever N the calls use
+        self._params = self.devices.replicate(params)
+        self._step = self.devices.pmap(self._counting_traces(make_probabilities_step(graphdef, standardize)))
+
+    @classmethod
+    def from_checkpoint(cls, workdir_or_checkpoint: Union[str, os.PathLike], step: Union[str, int] = "best",
+                        batch_size: int = DEFAULT_BATCH_SIZE, num_devices: Optional[int] = None) -> "Predictor":
+        """The model of a run's checkpoint: `step` is 'best' (by test accuracy), 'latest' or a step number."""
+        restored = checkpoint.restore_for_inference(workdir_or_checkpoint, step, abstract_params)
+        metadata = restored.metadata
+        normalization = metadata["normalization"]
+        _check_normalization(normalization, workdir_or_checkpoint)
+        # Only the structure is needed: eval_shape builds it without initialising any parameters.
+        graphdef, _ = jax.eval_shape(lambda: init_params(metadata["model"], 0))
+        return cls(graphdef, restored.params, metadata["class_names"], normalization["standardize"],
+                   batch_size=batch_size, devices=DeviceSet.select(num_devices), metadata=metadata,
+                   step=restored.step)
+
+    def _counting_traces(self, step: Callable) -> Callable:
+        def traced_step(*args):
+            self.trace_count += 1  # Python runs here only while JAX traces, never inside the compiled step
+            return step(*args)
+
+        return traced_step
+
+    # ------------------------------------------------------------ device batches
+
+    def _launch(self, images_nhwc_uint8: np.ndarray) -> list[tuple[jax.Array, int]]:
+        """Queue every padded batch on the devices without waiting (JAX dispatch is asynchronous)."""
+        launched = []
+        for start in range(0, len(images_nhwc_uint8), self.batch_size):
+            batch = images_nhwc_uint8[start:start + self.batch_size]
+            padded = np.zeros((self.batch_size,) + IMAGE_SHAPE, np.uint8)
+            padded[:len(batch)] = batch
+            launched.append((self._step(self._params, self.devices.split(padded)), len(batch)))
+        return launched
+
+    def _gather(self, launched: list[tuple[jax.Array, int]]) -> np.ndarray:
+        rows = [np.asarray(out).reshape(-1, len(self.class_names))[:count] for out, count in launched]
+        return np.concatenate(rows) if rows else np.empty((0, len(self.class_names)), np.float32)
+
+    def probabilities(self, images_nhwc_uint8: np.ndarray) -> np.ndarray:
+        """(N, 32, 32, 3) uint8 → (N, num_classes) float32 class probabilities."""
+        return self._gather(self._launch(images_nhwc_uint8))
+
+    # ------------------------------------------------------------ public entry points
+
+    def predict(self, images: Union[ImageInput, Sequence[ImageInput]], errors: str = "raise") -> Predictions:
+        """Class probabilities of images: an array (N,H,W,3)/(H,W,3) uint8 or float in [0, 1], a file path,
+        a PIL image, or a list mixing them; any size is resized to 32×32.
+
+        errors="raise" stops at the first bad input (InputError naming it); "skip" leaves it out and lists it
+        in the result's `errors`.
+        """
+        _check_errors_mode(errors)
+        blocks, names, failures = [], [], []
+        for name, source in _named_inputs(images):
+            try:
+                block, row_names, row_failures = model_images(source, name)
+            except InputError as error:
+                block, row_names, row_failures = None, [], [(name, error)]
+            if row_failures and errors == "raise":
+                raise row_failures[0][1]
+            failures += [(failed, str(error)) for failed, error in row_failures]
+            if block is not None:
+                blocks.append(block)
+                names += row_names
+        images_uint8 = np.concatenate(blocks) if blocks else np.empty((0,) + IMAGE_SHAPE, np.uint8)
+        return Predictions(self.probabilities(images_uint8), tuple(names), self.class_names, tuple(failures))
+
+    def predict_paths(self, paths_or_directory: Union[str, os.PathLike, Iterable], batch_size: Optional[int] = None,
+                      errors: str = "skip") -> Iterator[ImagePrediction]:
+        """Stream predictions for files and folders (walked recursively), one result per file, in order.
+
+        Files are read `batch_size` at a time; while the devices work on one chunk the next is decoded.
+        errors="skip" (default) yields a result with `error` set for a bad file and goes on; "raise" stops there.
+        """
+        _check_errors_mode(errors)
+        previous = None
+        for chunk in _chunks(image_files(paths_or_directory), batch_size or self.batch_size):
+            decoded = [(path, _read_or_error(path)) for path in chunk]
+            bad = next((image for _, image in decoded if isinstance(image, InputError)), None)
+            if bad is not None and errors == "raise":
+                raise bad
+            good = [image for _, image in decoded if not isinstance(image, InputError)]
+            launched = self._launch(np.stack(good)) if good else []
+            if previous is not None:
+                yield from self._path_results(*previous)
+            previous = (decoded, launched)
+        if previous is not None:
+            yield from self._path_results(*previous)
+
+    def _path_results(self, decoded: list, launched: list) -> Iterator[ImagePrediction]:
+        probabilities = iter(self._gather(launched))
+        for path, image in decoded:
+            if isinstance(image, InputError):
+                yield ImagePrediction(str(path), self.class_names, error=str(image))
+            else:
+                yield ImagePrediction(str(path), self.class_names, probabilities=next(probabilities))

@@ -1,0 +1,190 @@
+"""A run at a glance: evaluate one checkpoint, draw every plot into WORKDIR/plots/, and write WORKDIR/report.md,
+a one-page summary that reads well on GitHub (tables, and the plots embedded by relative links).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from cifar_jax import plots
+from cifar_jax.evaluate import (EvaluationResult, dataset_for, evaluate_restored, model_logits, restore_run,
+                                softmax)
+from cifar_jax.errors import InputError
+from cifar_jax.models import IMAGE_SHAPE, count_params
+
+PLOTS_SUBDIR = "plots"
+REPORT_FILE = "report.md"
+PLOT_FILES = {  # plot name → file under WORKDIR/plots/
+    "training_curves": "training_curves.png",
+    "confusion_matrix": "confusion_matrix.png",
+    "confusion_matrix_normalized": "confusion_matrix_normalized.png",
+    "test_predictions": "test_predictions.png",
+    "confused_pairs": "confused_pairs.png",
+    "image_predictions": "image_predictions.png",
+}
+
+
+@dataclasses.dataclass
+class PhotoPredictions:
+    """New images as the model sees them (32x32 RGB) and its class probabilities for each."""
+
+    names: list[str]
+    images_nhwc_uint8: np.ndarray
+    probabilities: np.ndarray
+
+
+@dataclasses.dataclass
+class RunReport:
+    report: Path
+    plots: dict[str, Path]
+    evaluation: EvaluationResult
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def read_history(workdir: str | Path, metadata: dict) -> list[dict]:
+    """Per-epoch metrics of the whole run (WORKDIR/metrics.jsonl), else the history saved in the checkpoint."""
+    path = Path(workdir) / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line) for line in lines if line.strip()] or list(metadata.get("history") or [])
+
+
+def load_photo(path: str | Path) -> np.ndarray:
+    """Any image Pillow reads → 32x32 RGB uint8, the size the models take."""
+    # TODO: use cifar_jax.predict's loader once it exists, so prediction and plots share one image pipeline.
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            small = image.convert("RGB").resize(IMAGE_SHAPE[:2][::-1], Image.Resampling.BICUBIC)
+    except (OSError, UnidentifiedImageError) as error:
+        raise InputError(f"cannot read image {path} ({error}): pass a PNG, JPEG or other image file") from None
+    return np.asarray(small, np.uint8)
+
+
+def predict_photos(metadata: dict, params: Any, paths: Sequence[str | Path]) -> PhotoPredictions:
+    images = np.stack([load_photo(path) for path in paths])
+    logits = model_logits(metadata["model"], params, metadata["normalization"]["standardize"], images,
+                          num_devices=1, requested_batch=len(images))
+    return PhotoPredictions([Path(path).name for path in paths], images, softmax(logits))
+
+
+# ---------------------------------------------------------------- plots
+
+
+def draw_plots(plots_dir: Path, history: list[dict], result: EvaluationResult, test_images_nhwc_uint8: np.ndarray,
+               marked_epoch: Optional[int] = None, photos: Optional[PhotoPredictions] = None) -> dict[str, Path]:
+    """Every plot of a run, as {plot name: PNG path}."""
+    path = {name: plots_dir / file for name, file in PLOT_FILES.items()}
+    names, labels, predictions = result.class_names, result.labels, result.predictions
+    drawn = {
+        "training_curves": plots.plot_training_curves(history, path["training_curves"], marked_epoch),
+        "confusion_matrix": plots.plot_confusion_matrix(result.confusion_matrix, names, path["confusion_matrix"]),
+        "confusion_matrix_normalized": plots.plot_confusion_matrix(
+            result.confusion_matrix, names, path["confusion_matrix_normalized"], normalize=True),
+        "test_predictions": plots.plot_prediction_grid(test_images_nhwc_uint8, labels, predictions, names,
+                                                       path["test_predictions"]),
+        "confused_pairs": plots.plot_confused_pairs(test_images_nhwc_uint8, labels, predictions, names,
+                                                    path["confused_pairs"]),
+    }
+    if photos is not None:
+        drawn["image_predictions"] = plots.plot_image_predictions(
+            photos.images_nhwc_uint8, photos.probabilities, names, photos.names, path["image_predictions"])
+    return drawn
+
+
+# ---------------------------------------------------------------- report.md
+
+
+def is_synthetic(data_source: str) -> bool:
+    return "synthetic" in data_source.lower()
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+
+
+def _image(plot_paths: dict[str, Path], name: str, alt: str, workdir: Path) -> list[str]:
+    if name not in plot_paths:
+        return []
+    return [f"![{alt}]({plot_paths[name].relative_to(workdir).as_posix()})", ""]
+
+
+def _epoch_metrics(metadata: dict, history: list[dict]) -> Optional[dict]:
+    """The training metrics of the checkpoint's epoch, if it was saved at the end of one."""
+    if metadata.get("metrics"):
+        return metadata["metrics"]
+    return next((row for row in history if row.get("epoch") == metadata.get("epoch")), None)
+
+
+def _headline(metadata: dict, result: EvaluationResult, history: list[dict]) -> list[str]:
+    config = metadata.get("config", {})
+    lines = [f"# {result.model}: test accuracy {result.test_accuracy:.2%}", ""]
+    if is_synthetic(result.data_source):
+        lines += ["> [!WARNING]", f"> Trained and evaluated on **synthetic data** ({result.data_source}): "
+                  "these numbers are **not CIFAR-10** results. They only show that the pipeline runs.", ""]
+    lines += [f"Checkpoint at step {result.step} (epoch {metadata.get('epoch', '?')} of {config.get('epochs', '?')}), "
+              f"evaluated on **{result.num_examples:,} test images** from `{result.data_source}`.", ""]
+    trained = _epoch_metrics(metadata, history) or {}
+    cell = lambda key, fmt: format(trained[key], fmt) if key in trained else "–"
+    lines += _table(["", "train (that epoch)", "test"], [
+        ["accuracy", cell("train_accuracy", ".4f"), f"{result.test_accuracy:.4f}"],
+        ["loss", cell("train_loss", ".4f"), f"{result.test_loss:.4f}"],
+    ])
+    return lines + [""]
+
+
+def _config_section(metadata: dict) -> list[str]:
+    config = metadata.get("config", {})
+    rows = [["parameters", f"{count_params(metadata['model']):,}"]]
+    rows += [[name, f"`{value}`"] for name, value in config.items()]
+    versions = ", ".join(f"{name} {version}" for name, version in (metadata.get("versions") or {}).items())
+    lines = ["## Configuration", ""] + _table(["setting", "value"], rows) + [""]
+    return lines + ([f"Versions: {versions}.", ""] if versions else [])
+
+
+def report_markdown(workdir: Path, metadata: dict, result: EvaluationResult, history: list[dict],
+                    plot_paths: dict[str, Path]) -> str:
+    per_class = [[c.name, f"{c.accuracy:.3f}", f"{c.precision:.3f}", f"{c.recall:.3f}", f"{c.support:,}"]
+                 for c in result.per_class]
+    lines = _headline(metadata, result, history)
+    lines += ["## Training curves", ""] + _image(plot_paths, "training_curves", "accuracy and loss per epoch", workdir)
+    lines += ["## Confusion matrix", "", "Rows are true classes, columns predictions; right: each row divided by its total.", ""]
+    lines += _table(["counts", "row-normalised"], [[
+        " ".join(_image(plot_paths, "confusion_matrix", "confusion matrix, counts", workdir)).strip(),
+        " ".join(_image(plot_paths, "confusion_matrix_normalized", "confusion matrix, row-normalised", workdir)).strip(),
+    ]]) + [""]
+    lines += ["## Per class", ""] + _table(["class", "accuracy", "precision", "recall", "test images"], per_class) + [""]
+    lines += ["## Most confused pairs", ""] + _image(plot_paths, "confused_pairs", "most confused class pairs", workdir)
+    lines += ["## Random test images", "", "Predicted and true label; wrong predictions in red.", ""]
+    lines += _image(plot_paths, "test_predictions", "random test images with predictions", workdir)
+    if "image_predictions" in plot_paths:
+        lines += ["## Your images", ""] + _image(plot_paths, "image_predictions", "your images with top classes", workdir)
+    lines += _config_section(metadata)
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the whole thing
+
+
+def report_run(workdir: str | Path, step: str | int = "best", image_paths: Sequence[str | Path] = (),
+               data_dir: Optional[str] = None, data: Optional[str] = None,
+               num_devices: Optional[int] = None) -> RunReport:
+    """Evaluate a checkpoint, draw all plots into WORKDIR/plots/ and write WORKDIR/report.md."""
+    workdir = Path(workdir).expanduser().absolute()
+    restored = restore_run(workdir, step)
+    metadata = restored.metadata
+    dataset = dataset_for(metadata, data_dir, data)
+    result = evaluate_restored(restored, dataset, num_devices)
+    history = read_history(workdir, metadata)
+    photos = predict_photos(metadata, restored.params, image_paths) if image_paths else None
+    plot_paths = draw_plots(workdir / PLOTS_SUBDIR, history, result, dataset.test_images, metadata.get("epoch"), photos)
+    report = workdir / REPORT_FILE
+    report.write_text(report_markdown(workdir, metadata, result, history, plot_paths) + "\n")
+    return RunReport(report, plot_paths, result)

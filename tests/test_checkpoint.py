@@ -1,0 +1,115 @@
+"""Checkpoints: retention, fallback from corrupt ones, divergence, model mismatch, device-count changes.
+
+Killing real processes (SIGKILL mid-epoch and mid-save, SIGTERM) is in test_preemption.py.
+"""
+import importlib
+import json
+import shutil
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from cifar_jax import TrainConfig, checkpoint, train
+from cifar_jax.errors import CheckpointError, ConfigError, TrainingDivergedError
+from cifar_jax.train import abstract_params
+from learnable import class_coloured_dataset
+
+train_module = importlib.import_module("cifar_jax.train")
+
+
+@pytest.fixture
+def learnable_data(monkeypatch):
+    dataset = class_coloured_dataset(num_train=256, num_test=40)
+    monkeypatch.setattr(train_module, "load_cifar10", lambda data_dir=None, source="auto": dataset)
+    return dataset
+
+
+def quick_config(tmp_path, **overrides) -> TrainConfig:
+    values = dict(model="model0", epochs=2, batch_size=32, eval_batch_size=40, workdir=str(tmp_path / "run"),
+                  progress=False)
+    return TrainConfig(**{**values, **overrides})
+
+
+def flat(params):
+    return np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(params)])
+
+
+def test_keeps_latest_n_and_the_best_never_the_latest_deleted(tmp_path):
+    manager = checkpoint.open_manager(tmp_path, keep_latest=2)
+    params = {"w": np.zeros(3, np.float32)}
+    for step, accuracy in zip([1, 2, 3, 4], [0.9, 0.5, 0.6, 0.4]):
+        checkpoint.save(manager, step, params, {"step": np.int32(step)}, {"model": "model0"},
+                        {"test_accuracy": accuracy})
+    manager.wait_until_finished()
+    assert sorted(manager.all_steps()) == [1, 3, 4]
+    assert manager.best_step() == 1 and manager.latest_step() == 4
+    manager.close()
+
+
+def test_checkpoint_describes_itself(tmp_path, learnable_data):
+    result = train(quick_config(tmp_path))
+    restored = checkpoint.restore_for_inference(result.workdir, "latest", abstract_params)
+    meta = restored.metadata
+    assert meta["model"] == "model0" and meta["epoch"] == 2
+    assert meta["class_names"][3] == "cat" and meta["normalization"]["scale"] == pytest.approx(1 / 255)
+    assert meta["metrics"] == result.history[-1] and meta["history"] == result.history
+    assert meta["config"]["learning_rate"] == 1e-3 and meta["versions"]["jax"] == jax.__version__
+    np.testing.assert_array_equal(flat(restored.params), flat(result.params))
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, learnable_data):
+    config = quick_config(tmp_path)
+    straight = train(quick_config(tmp_path, workdir=str(tmp_path / "straight")))
+    first = train(config)
+    latest = max(int(p.name) for p in (first.workdir / "checkpoints").iterdir() if p.name.isdigit())
+    for data_file in (first.workdir / "checkpoints" / str(latest) / "params").rglob("*"):
+        if data_file.is_file() and data_file.stat().st_size > 0:
+            data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])  # truncate
+    with pytest.warns(UserWarning, match=f"checkpoint {latest} .* is unreadable .* falling back"):
+        resumed = train(config)
+    # It redid epoch 2 from epoch 1's checkpoint and ended exactly where the uninterrupted run did.
+    np.testing.assert_array_equal(flat(resumed.params), flat(straight.params))
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, learnable_data, monkeypatch):
+    config = quick_config(tmp_path, epochs=1)
+    good = train(config)
+    monkeypatch.setattr(train_module, "create_optimizer", lambda config: optax.adam(1e30))  # same state layout, explodes
+    with pytest.raises(TrainingDivergedError, match=r"NaN/Inf in epoch 2 at step \d+"):
+        train(quick_config(tmp_path, epochs=2))
+    restored = checkpoint.restore_for_inference(good.workdir, "latest", abstract_params)
+    assert restored.metadata["epoch"] == 1
+    np.testing.assert_array_equal(flat(restored.params), flat(good.params))
+
+
+def test_checkpoint_of_another_model_is_a_clear_error(tmp_path, learnable_data):
+    train(quick_config(tmp_path, epochs=1))
+    (tmp_path / "run" / "config.json").unlink()  # only the checkpoint says which model it is
+    with pytest.raises(CheckpointError, match="holds checkpoints of model0, not model1"):
+        train(quick_config(tmp_path, model="model1"))
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_conflicting_config_names_both_values_and_overwrites_nothing(tmp_path, learnable_data):
+    train(quick_config(tmp_path, epochs=1))
+    saved = (tmp_path / "run" / "config.json").read_text()
+    with pytest.raises(ConfigError, match=r"model: 'model0' in the run vs 'model1' requested"):
+        train(quick_config(tmp_path, model="model1"))
+    assert (tmp_path / "run" / "config.json").read_text() == saved
+
+
+def test_saved_on_four_devices_resumes_on_one(tmp_path, learnable_data):
+    four = train(quick_config(tmp_path, epochs=1, num_devices=4))
+    resumed = train(quick_config(tmp_path, epochs=2, num_devices=1))
+    assert [row["epoch"] for row in resumed.history] == [1, 2]
+    assert resumed.history[0] == four.history[0]
+    reference = train(quick_config(tmp_path, epochs=2, num_devices=4, workdir=str(tmp_path / "reference")))
+    # Only the reduction order differs between 4 devices and 1.
+    assert np.max(np.abs(flat(resumed.params) - flat(reference.params))) < 1e-4
+
+
+def test_missing_checkpoint_for_inference_says_what_to_do(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoints folder at .*pass the --workdir of a training run"):
+        checkpoint.restore_for_inference(tmp_path / "nothing", "best", abstract_params)
