@@ -83,6 +83,28 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    import json
+
+    from cifar_jax.errors import InputError
+    from cifar_jax.predict import DEFAULT_BATCH_SIZE, Predictor
+
+    if args.top_k < 1:
+        raise InputError(f"--top-k must be at least 1, got {args.top_k}")
+    batch_size = DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size
+    predictor = Predictor.from_checkpoint(args.workdir, args.step, batch_size=batch_size, num_devices=args.num_devices)
+    failed = 0
+    for row in predictor.predict_paths(args.paths, errors="skip"):
+        failed += not row.ok
+        if args.json:
+            print(json.dumps(row.to_json(args.top_k)), flush=True)
+        elif row.ok:
+            print(f"{row.path}: " + ", ".join(f"{name} {p:.3f}" for name, p in row.top_k(args.top_k)), flush=True)
+        else:
+            print(f"cifar-jax: error: {row.error}", file=sys.stderr, flush=True)
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cifar_jax.config import TrainConfig
 
@@ -110,6 +132,23 @@ def build_parser() -> argparse.ArgumentParser:
     plot_parser.add_argument("--images", nargs="+", metavar="PATH", default=None,
                              help="image files to classify and show with their top classes")
     plot_parser.set_defaults(handler=_plot)
+
+    predict_parser = commands.add_parser(
+        "predict", help="classify image files and folders with a trained checkpoint",
+        description="Top classes of each image (folders are walked recursively; any size is resized to 32x32). "
+                    "Exits 1 if any input could not be read, after reporting all the others.")
+    predict_parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
+    predict_parser.add_argument("--workdir", required=True, help="the training run's folder")
+    predict_parser.add_argument("--step", default="best",
+                                help="checkpoint: best (by test accuracy), latest, or a step number (default: best)")
+    predict_parser.add_argument("--top-k", type=int, default=3, help="how many top classes to show (default: 3)")
+    predict_parser.add_argument("--json", action="store_true",
+                                help="one JSON object per image: path, label, probability, top_k; or path, error")
+    predict_parser.add_argument("--batch-size", type=int, default=None,
+                                help="images per device step, all devices together (default: 256)")
+    predict_parser.add_argument("--num-devices", type=int, default=None,
+                                help="use only the first N local devices (default: all)")
+    predict_parser.set_defaults(handler=_predict)
     return parser
 
 

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
+import jax
 import numpy as np
 
 from cifar_jax import checkpoint, parallel
@@ -42,7 +43,6 @@ class EvaluationResult:
     confusion_matrix: np.ndarray  # (classes, classes) counts; rows are true classes, columns predictions
     labels: np.ndarray  # (num_test,) true class ids, in test-set order
     predictions: np.ndarray  # (num_test,) predicted class ids
-    probabilities: np.ndarray  # (num_test, classes) softmax of the logits
 
     @property
     def num_examples(self) -> int:
@@ -94,11 +94,6 @@ def most_confused_pairs(confusion: np.ndarray, top: int = 3) -> list[tuple[int, 
     return [pair for pair in pairs if pair[2] > 0]
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(-1, keepdims=True))
-    return shifted / shifted.sum(-1, keepdims=True)
-
-
 # ---------------------------------------------------------------- the model pass
 
 
@@ -112,7 +107,7 @@ def model_logits(model_name: str, params: Any, standardize: bool, images_nhwc_ui
                 num_devices: Optional[int] = None, requested_batch: int = DEFAULT_EVAL_BATCH_SIZE) -> np.ndarray:
     """Logits of every image, in order, computed on `num_devices` devices (all when None)."""
     devices = parallel.DeviceSet.select(num_devices)
-    graphdef, _ = init_params(model_name, seed=0)  # only the structure is used; the params come from the checkpoint
+    graphdef, _ = jax.eval_shape(lambda: init_params(model_name, 0))  # the structure only, nothing initialised
     batch = eval_batch_size(requested_batch, len(images_nhwc_uint8), devices.global_count)
     evaluator = Evaluator(graphdef, standardize, batch, devices)
     return evaluator.logits(devices.replicate(params), devices.replicate(images_nhwc_uint8), len(images_nhwc_uint8))
@@ -125,7 +120,7 @@ def summarize(logits: np.ndarray, labels: np.ndarray, class_names: tuple[str, ..
     predictions = logits.argmax(-1)
     confusion = confusion_matrix(labels, predictions, len(class_names))
     return EvaluationResult(model, step, data_source, tuple(class_names), test_loss, test_accuracy,
-                            per_class_metrics(confusion, class_names), confusion, labels, predictions, softmax(logits))
+                            per_class_metrics(confusion, class_names), confusion, labels, predictions)
 
 
 # ---------------------------------------------------------------- checkpoint + data → result

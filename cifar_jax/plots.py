@@ -68,8 +68,8 @@ def plot_training_curves(history: Sequence[dict], out_path: str | Path, marked_e
             axes.axvline(marked_epoch, color="grey", linestyle="--", linewidth=1, label=f"checkpoint (epoch {marked_epoch})")
         axes.set_title(title)
         axes.set_xlabel("epoch")
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if epochs:  # a little room either side, and a sane axis for a single epoch
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        if epochs:  # a little room either side; with one epoch the locator would otherwise invent fractions
             axes.set_xlim(min(epochs) - 0.4, max(epochs) + 0.4)
         axes.grid(alpha=0.3)
         axes.legend()

@@ -11,10 +11,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from cifar_jax import plots
-from cifar_jax.evaluate import (EvaluationResult, dataset_for, evaluate_restored, model_logits, restore_run,
-                                softmax)
-from cifar_jax.errors import InputError
-from cifar_jax.models import IMAGE_SHAPE, count_params
+from cifar_jax.evaluate import EvaluationResult, dataset_for, evaluate_restored, restore_run
+from cifar_jax.models import count_params
+from cifar_jax.predict import Predictor, read_image_file
 
 PLOTS_SUBDIR = "plots"
 REPORT_FILE = "report.md"
@@ -54,24 +53,12 @@ def read_history(workdir: str | Path, metadata: dict) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()] or list(metadata.get("history") or [])
 
 
-def load_photo(path: str | Path) -> np.ndarray:
-    """Any image Pillow reads → 32x32 RGB uint8, the size the models take."""
-    # TODO: use cifar_jax.predict's loader once it exists, so prediction and plots share one image pipeline.
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            small = image.convert("RGB").resize(IMAGE_SHAPE[:2][::-1], Image.Resampling.BICUBIC)
-    except (OSError, UnidentifiedImageError) as error:
-        raise InputError(f"cannot read image {path} ({error}): pass a PNG, JPEG or other image file") from None
-    return np.asarray(small, np.uint8)
-
-
-def predict_photos(metadata: dict, params: Any, paths: Sequence[str | Path]) -> PhotoPredictions:
-    images = np.stack([load_photo(path) for path in paths])
-    logits = model_logits(metadata["model"], params, metadata["normalization"]["standardize"], images,
-                          num_devices=1, requested_batch=len(images))
-    return PhotoPredictions([Path(path).name for path in paths], images, softmax(logits))
+def predict_photos(workdir: Path, step: int, paths: Sequence[str | Path],
+                   num_devices: Optional[int] = None) -> PhotoPredictions:
+    """The checkpoint's class probabilities for image files, with the 32x32 images the model saw."""
+    predictor = Predictor.from_checkpoint(workdir, step=step, num_devices=num_devices)
+    images = np.stack([read_image_file(path) for path in paths])
+    return PhotoPredictions([Path(path).name for path in paths], images, predictor.probabilities(images))
 
 
 # ---------------------------------------------------------------- plots
@@ -110,10 +97,16 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
 
 
-def _image(plot_paths: dict[str, Path], name: str, alt: str, workdir: Path) -> list[str]:
+def _image_link(plot_paths: dict[str, Path], name: str, alt: str, workdir: Path) -> str:
+    """Markdown for an embedded plot, linked relative to the report; empty if that plot was not drawn."""
     if name not in plot_paths:
-        return []
-    return [f"![{alt}]({plot_paths[name].relative_to(workdir).as_posix()})", ""]
+        return ""
+    return f"![{alt}]({plot_paths[name].relative_to(workdir).as_posix()})"
+
+
+def _image(plot_paths: dict[str, Path], name: str, alt: str, workdir: Path) -> list[str]:
+    link = _image_link(plot_paths, name, alt, workdir)
+    return [link, ""] if link else []
 
 
 def _epoch_metrics(metadata: dict, history: list[dict]) -> Optional[dict]:
@@ -157,8 +150,8 @@ def report_markdown(workdir: Path, metadata: dict, result: EvaluationResult, his
     lines += ["## Training curves", ""] + _image(plot_paths, "training_curves", "accuracy and loss per epoch", workdir)
     lines += ["## Confusion matrix", "", "Rows are true classes, columns predictions; right: each row divided by its total.", ""]
     lines += _table(["counts", "row-normalised"], [[
-        " ".join(_image(plot_paths, "confusion_matrix", "confusion matrix, counts", workdir)).strip(),
-        " ".join(_image(plot_paths, "confusion_matrix_normalized", "confusion matrix, row-normalised", workdir)).strip(),
+        _image_link(plot_paths, "confusion_matrix", "confusion matrix, counts", workdir),
+        _image_link(plot_paths, "confusion_matrix_normalized", "confusion matrix, row-normalised", workdir),
     ]]) + [""]
     lines += ["## Per class", ""] + _table(["class", "accuracy", "precision", "recall", "test images"], per_class) + [""]
     lines += ["## Most confused pairs", ""] + _image(plot_paths, "confused_pairs", "most confused class pairs", workdir)
@@ -183,7 +176,7 @@ def report_run(workdir: str | Path, step: str | int = "best", image_paths: Seque
     dataset = dataset_for(metadata, data_dir, data)
     result = evaluate_restored(restored, dataset, num_devices)
     history = read_history(workdir, metadata)
-    photos = predict_photos(metadata, restored.params, image_paths) if image_paths else None
+    photos = predict_photos(workdir, restored.step, image_paths, num_devices) if image_paths else None
     plot_paths = draw_plots(workdir / PLOTS_SUBDIR, history, result, dataset.test_images, metadata.get("epoch"), photos)
     report = workdir / REPORT_FILE
     report.write_text(report_markdown(workdir, metadata, result, history, plot_paths) + "\n")

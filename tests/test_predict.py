@@ -1,0 +1,298 @@
+import importlib
+import io
+import json
+import re
+import struct
+import zlib
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from cifar_jax import TrainConfig, cli
+from cifar_jax.data import CLASS_NAMES
+from cifar_jax.errors import InputError
+from cifar_jax.predict import Predictor, image_files
+from cifar_jax.train import apply_model, init_params
+from learnable import class_coloured_dataset, class_coloured_images
+
+# `cifar_jax.train` the attribute is the train() function; the module itself is reached this way.
+train_module = importlib.import_module("cifar_jax.train")
+
+BATCH = 8  # two images per device on the 4 simulated devices; every test's N differs from it on purpose
+
+
+@pytest.fixture(scope="module")
+def run(request, tmp_path_factory):
+    """The session's shared tiny model0 run if conftest provides one, else one trained here the same way."""
+    try:
+        return request.getfixturevalue("trained_run")
+    except pytest.FixtureLookupError:
+        pass
+    dataset = class_coloured_dataset(num_train=512, num_test=100)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module, "load_cifar10", lambda data_dir=None, source="auto": dataset)
+        config = TrainConfig(model="model0", epochs=2, batch_size=32, eval_batch_size=100, progress=False,
+                             workdir=str(tmp_path_factory.mktemp("predict") / "run"))
+        return train_module.train(config)
+
+
+@pytest.fixture(scope="module")
+def predictor(run):
+    return Predictor.from_checkpoint(run.workdir, step="latest", batch_size=BATCH)
+
+
+@pytest.fixture(scope="module")
+def few_colour_image():
+    """A class-coloured picture with 16 distinct colours, so palette, GIF and CMYK files hold it exactly."""
+    picture = class_coloured_images(np.array([3]), np.random.default_rng(5), noise=40.0)[0]
+    return np.asarray(Image.fromarray(picture).quantize(16).convert("RGB"))
+
+
+def softmax(logits):
+    exp = np.exp(logits - logits.max(-1, keepdims=True))
+    return exp / exp.sum(-1, keepdims=True)
+
+
+def png_claiming(path, width, height):
+    """A tiny PNG whose header claims width×height pixels: a decompression bomb as far as the header goes."""
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    struct.pack_into(">II", data, 16, width, height)  # IHDR data starts after signature(8)+length(4)+type(4)
+    struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+    return path
+
+
+# ---------------------------------------------------------------- the right answers
+
+
+def test_predictions_match_the_model_applied_directly(run, predictor):
+    images = class_coloured_dataset(num_train=1, num_test=37, seed=9)
+    graphdef, _ = init_params("model0", 0)
+    expected = softmax(np.asarray(apply_model(graphdef, run.params, images.test_images.astype(np.float32) / 255)))
+    result = predictor.predict(images.test_images)
+    assert result.probabilities.shape == (37, 10) and len(result) == 37
+    np.testing.assert_allclose(result.probabilities, expected, atol=1e-5)
+    np.testing.assert_array_equal(result.class_ids, expected.argmax(-1))
+    assert result.class_names == [CLASS_NAMES[i] for i in expected.argmax(-1)]
+    assert (result.class_ids == images.test_labels).mean() > 0.8  # a trained model, not noise: chance is 0.1
+    assert result.inputs[:2] == ("images[0]", "images[1]") and result.errors == ()
+    top = result.top_k(3)[0]
+    assert [name for name, _ in top][0] == result.class_names[0]
+    assert top[0][1] >= top[1][1] >= top[2][1] and top[0][1] == pytest.approx(expected[0].max(), abs=1e-5)
+
+
+def test_checkpoint_metadata_is_used(predictor, run):
+    assert predictor.class_names == tuple(CLASS_NAMES)
+    assert predictor.metadata["model"] == "model0" and predictor.step > 0
+    assert predictor.batch_size == BATCH and predictor.devices.num_local == 4
+    best = Predictor.from_checkpoint(run.workdir / "checkpoints", step="best", batch_size=BATCH)
+    assert best.step in {int(p.name) for p in (run.workdir / "checkpoints").iterdir() if p.name.isdigit()}
+
+
+def test_every_input_form_gives_the_same_answer(predictor, few_colour_image, tmp_path):
+    image = few_colour_image
+    rgba = np.dstack([image, np.full(image.shape[:2], 255, np.uint8)])
+    files = {"png": tmp_path / "a.png", "rgba": tmp_path / "rgba.png", "palette": tmp_path / "p.png",
+             "cmyk": tmp_path / "cmyk.tiff", "gif": tmp_path / "anim.gif", "bmp": tmp_path / "a.bmp"}
+    Image.fromarray(image).save(files["png"])
+    Image.fromarray(image).save(files["bmp"])
+    Image.fromarray(rgba, "RGBA").save(files["rgba"])
+    Image.fromarray(image).quantize(16).save(files["palette"])
+    Image.fromarray(image).convert("CMYK").save(files["cmyk"])
+    other_frame = Image.fromarray(255 - image).quantize(16)
+    Image.fromarray(image).quantize(16).save(files["gif"], save_all=True, append_images=[other_frame], duration=100)
+    forms = [image[None], image.astype(np.float32) / 255, image.astype(np.float64) / 255, image,
+             str(files["png"]), files["png"], Image.fromarray(image), Image.fromarray(rgba, "RGBA"),
+             files["rgba"], files["palette"], files["cmyk"], files["gif"], files["bmp"]]
+    result = predictor.predict(forms)
+    assert len(result) == len(forms)
+    np.testing.assert_allclose(result.probabilities, np.repeat(result.probabilities[:1], len(forms), 0), atol=1e-6)
+    assert result.inputs[4] == str(files["png"]) and result.inputs[6] == "images[6]"
+    # The same answer one at a time as in a mixed batch.
+    for form in (forms[3], files["gif"], Image.fromarray(image)):
+        np.testing.assert_allclose(predictor.predict(form).probabilities[0], result.probabilities[0], atol=1e-6)
+
+
+def test_grey_and_16_bit_files_match_the_grey_array(predictor, tmp_path):
+    grey = np.random.default_rng(2).integers(0, 256, (32, 32)).astype(np.uint8)
+    Image.fromarray(grey, "L").save(tmp_path / "grey.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "grey16.png")  # 16-bit, full range
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I")
+    Image.fromarray(grey.astype(np.int32) * 257, "I").save(tmp_path / "grey32.tiff")
+    result = predictor.predict([np.dstack([grey] * 3), tmp_path / "grey.png", tmp_path / "grey16.png",
+                                tmp_path / "grey32.tiff"])
+    np.testing.assert_allclose(result.probabilities, np.repeat(result.probabilities[:1], 4, 0), atol=1e-6)
+
+
+def test_larger_images_are_resized_the_same_way_from_arrays_and_files(predictor, few_colour_image, tmp_path):
+    large = np.repeat(np.repeat(few_colour_image, 3, axis=0), 3, axis=1)  # 96×96, each pixel a 3×3 block
+    wide = np.asarray(Image.fromarray(few_colour_image).resize((80, 48), Image.Resampling.NEAREST))
+    Image.fromarray(large).save(tmp_path / "large.png")
+    Image.fromarray(large).save(tmp_path / "large.jpg", quality=100)
+    result = predictor.predict([large, tmp_path / "large.png", large.astype(np.float32) / 255, wide,
+                                few_colour_image, tmp_path / "large.jpg"])
+    np.testing.assert_allclose(result.probabilities[1:3], np.repeat(result.probabilities[:1], 2, 0), atol=1e-6)
+    # Shrinking an enlargement recovers the picture closely: same class, probabilities near the original's
+    # (the JPEG, lossy and decoded at reduced scale, only the same class).
+    assert len(set(result.class_ids)) == 1
+    np.testing.assert_allclose(result.probabilities[[0, 3]], np.repeat(result.probabilities[4:5], 2, 0), atol=0.05)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def bad_files(folder):
+    """Each bad file with the words its error must contain."""
+    good = np.random.default_rng(0).integers(0, 256, (64, 64, 3)).astype(np.uint8)
+    Image.fromarray(good).save(folder / "whole.png")
+    data = (folder / "whole.png").read_bytes()
+    (folder / "truncated.png").write_bytes(data[: len(data) // 2])
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "text.png").write_text("this is not an image\n")
+    (folder / "whole.png").unlink()
+    png_claiming(folder / "bomb.png", 100_000, 100_000)  # over PIL's own hard limit
+    png_claiming(folder / "big.png", 10_000, 8_000)  # under PIL's limit, over ours
+    return {"missing.png": "no such file", "truncated.png": "could not be decoded", "empty.jpg": "is empty",
+            "text.png": "not an image file", "bomb.png": "decompression bomb", "big.png": "10000×8000 pixels"}
+
+
+def test_each_bad_file_gets_an_error_naming_it(predictor, tmp_path):
+    for name, words in bad_files(tmp_path).items():
+        with pytest.raises(InputError, match=re.escape(str(tmp_path / name)) + ".*" + re.escape(words)):
+            predictor.predict(tmp_path / name)
+    with pytest.raises(InputError, match=re.escape(f"{tmp_path} is a folder")):
+        predictor.predict(str(tmp_path))
+
+
+@pytest.mark.parametrize("images, message", [
+    (np.zeros((32, 32), np.uint8), r"images has shape \(32, 32\): expected RGB images shaped"),
+    (np.zeros((2, 1, 32, 32, 3), np.uint8), r"images has shape \(2, 1, 32, 32, 3\)"),
+    (np.zeros((2, 32, 32, 4), np.uint8), "images has 4 channels"),
+    (np.zeros((2, 32, 32, 1), np.float32), "images has 1 channels"),
+    (np.zeros((2, 32, 32, 3), np.int64), "images has dtype int64: pass uint8"),
+    (np.array([np.zeros((32, 32, 3)), np.full((32, 32, 3), np.nan)]), r"images\[1\] contains NaN"),
+    (np.array([np.full((32, 32, 3), 1.5)]), r"images\[0\] has float values outside \[0, 1\] \(min 1.5, max 1.5\)"),
+    (np.full((32, 32, 3), -0.1), r"images has float values outside \[0, 1\]"),
+    ([np.zeros((32, 32, 3), np.uint8), np.zeros((8, 8, 3), np.uint16)], r"images\[1\] has dtype uint16"),
+    ([np.zeros((32, 32, 3), np.uint8), 42], r"images\[1\] is a int: pass a numpy array, a file path or a PIL"),
+])
+def test_bad_arrays_get_an_error_naming_them(predictor, images, message):
+    with pytest.raises(InputError, match=message):
+        predictor.predict(images)
+
+
+def test_skip_mode_keeps_the_good_inputs_and_lists_the_bad(predictor, few_colour_image, tmp_path):
+    floats = np.stack([few_colour_image / 255, np.full((32, 32, 3), np.nan), few_colour_image / 255])
+    result = predictor.predict([floats, tmp_path / "missing.png", few_colour_image], errors="skip")
+    assert result.inputs == ("images[0][0]", "images[0][2]", "images[2]")
+    assert [name for name, _ in result.errors] == ["images[0][1]", str(tmp_path / "missing.png")]
+    assert "contains NaN" in result.errors[0][1] and "no such file" in result.errors[1][1]
+    np.testing.assert_allclose(result.probabilities, np.repeat(result.probabilities[:1], 3, 0), atol=1e-6)
+    with pytest.raises(InputError, match="errors must be 'raise' or 'skip'"):
+        predictor.predict(few_colour_image, errors="ignore")
+
+
+# ---------------------------------------------------------------- folders, streaming, compilation
+
+
+@pytest.fixture
+def photo_folder(tmp_path, few_colour_image):
+    """11 good images in nested folders (mixed-case extensions), one corrupt file and a non-image file."""
+    folder = tmp_path / "photos"
+    (folder / "sub" / "deeper").mkdir(parents=True)
+    names = [f"img{i:02d}.png" for i in range(5)] + ["sub/a.JPG", "sub/b.jpeg", "sub/deeper/c.BMP",
+                                                    "sub/deeper/d.webp", "sub/deeper/e.tif", "sub/f.gif"]
+    for name in names:
+        Image.fromarray(few_colour_image).save(folder / name, **({"quality": 100} if "jp" in name.lower() else {}))
+    (folder / "sub" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (folder / "notes.txt").write_text("not an image, and not named like one: ignored")
+    return folder
+
+
+def test_a_corrupt_file_in_a_folder_does_not_stop_the_others(predictor, photo_folder):
+    rows = list(predictor.predict_paths(photo_folder, batch_size=4))
+    assert len(rows) == 12
+    bad = [row for row in rows if not row.ok]
+    assert [row.path for row in bad] == [str(photo_folder / "sub" / "broken.png")]
+    assert str(photo_folder / "sub" / "broken.png") in bad[0].error
+    good = [row for row in rows if row.ok]
+    assert [r.path for r in good][:5] == [str(photo_folder / f"img{i:02d}.png") for i in range(5)]
+    reference = predictor.predict(photo_folder / "img00.png")
+    assert {row.label for row in good} == {reference.class_names[0]}
+    lossless = [row for row in good if not row.path.lower().endswith((".jpg", ".jpeg", ".webp"))]
+    assert len(lossless) == 8
+    for row in lossless:
+        np.testing.assert_allclose(row.probabilities, reference.probabilities[0], atol=1e-6)
+    assert rows[0].top_k(2)[0] == (rows[0].label, pytest.approx(rows[0].probability))
+    with pytest.raises(InputError, match="broken.png"):
+        list(predictor.predict_paths(photo_folder, errors="raise"))
+
+
+def test_explicit_files_of_any_name_and_empty_folders_are_reported(predictor, photo_folder, tmp_path):
+    odd_name = tmp_path / "picture.data"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(odd_name, format="PNG")
+    (tmp_path / "empty").mkdir()
+    rows = list(predictor.predict_paths([odd_name, tmp_path / "empty", tmp_path / "gone.png"]))
+    assert [row.ok for row in rows] == [True, False, False]
+    assert "holds no image files" in rows[1].error and "no such file" in rows[2].error
+    assert [p.name for p in image_files(photo_folder / "sub" / "deeper")] == ["c.BMP", "d.webp", "e.tif"]
+
+
+def test_folders_are_streamed_not_read_whole(predictor, photo_folder):
+    files = sorted(photo_folder.glob("img*.png")) * 10  # 50 files, batches of 4
+    taken = []
+
+    def listing():
+        for path in files:
+            taken.append(path)
+            yield path
+
+    rows = predictor.predict_paths(listing(), batch_size=4)
+    first = next(rows)
+    assert first.ok and len(taken) <= 12  # at most the first chunk, the next one and one more file read
+    assert len(list(rows)) == 49 and len(taken) == 50
+
+
+def test_new_batch_sizes_never_recompile(run, few_colour_image):
+    predictor = Predictor.from_checkpoint(run.workdir, step="latest", batch_size=BATCH)
+    answers = [predictor.predict(np.repeat(few_colour_image[None], n, 0)) for n in (1, 3, 8, 13, 30)]
+    assert predictor.trace_count == 1
+    assert [len(a) for a in answers] == [1, 3, 8, 13, 30]
+    np.testing.assert_allclose(answers[-1].probabilities, np.repeat(answers[0].probabilities, 30, 0), atol=1e-6)
+    assert len(predictor.predict(np.zeros((0, 32, 32, 3), np.uint8))) == 0 and predictor.trace_count == 1
+
+
+def test_batch_size_is_rounded_up_to_the_device_count(run):
+    assert Predictor.from_checkpoint(run.workdir, batch_size=5).batch_size == 8
+    with pytest.raises(InputError, match="batch_size must be a positive integer"):
+        Predictor.from_checkpoint(run.workdir, batch_size=0)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_json_lines_parse_and_a_bad_file_exits_1_after_all_others(run, photo_folder, capsys):
+    status = cli.main(["predict", "--workdir", str(run.workdir), "--json", "--top-k", "2",
+                       "--batch-size", "4", str(photo_folder)])
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert status == 1 and len(records) == 12
+    errors = [r for r in records if "error" in r]
+    assert len(errors) == 1 and errors[0]["path"].endswith("broken.png") and set(errors[0]) == {"path", "error"}
+    for record in (r for r in records if "error" not in r):
+        assert set(record) == {"path", "label", "probability", "top_k"} and len(record["top_k"]) == 2
+        assert record["top_k"][0] == [record["label"], record["probability"]] and record["label"] in CLASS_NAMES
+
+
+def test_cli_human_output_is_one_line_per_image(run, photo_folder, capsys):
+    files = [str(photo_folder / f"img{i:02d}.png") for i in range(3)]
+    status = cli.main(["predict", "--workdir", str(run.workdir), "--step", "latest", *files])
+    lines = capsys.readouterr().out.splitlines()
+    assert status == 0 and len(lines) == 3
+    assert all(re.fullmatch(re.escape(f) + r": (\w+ \d\.\d{3}, ){2}\w+ \d\.\d{3}", line) for f, line in zip(files, lines))
+    status = cli.main(["predict", "--workdir", str(run.workdir), str(photo_folder / "nope.png"), files[0]])
+    captured = capsys.readouterr()
+    assert status == 1 and captured.out.startswith(files[0]) and "nope.png: no such file" in captured.err
