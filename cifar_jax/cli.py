@@ -159,6 +159,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except CifarJaxError as error:
         print(f"cifar-jax: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside training (which saves and exits cleanly): nothing to save, no traceback
+        print("cifar-jax: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

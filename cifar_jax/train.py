@@ -282,7 +282,10 @@ def train(config: TrainConfig) -> TrainResult:
             write_json_atomically(workdir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
             write_history(workdir, position.history)
         with stop_requests() as stop:
-            return _run_epochs(config, workdir, dataset, devices, manager, graphdef, optimizer, state, running, position, stop)
+            result = _run_epochs(config, workdir, dataset, devices, manager, graphdef, optimizer, state, running, position, stop)
+        if parallel.is_main_process() and result.history:
+            draw_training_curves(workdir, result.history)
+        return result
     finally:
         manager.wait_until_finished()
         manager.close()
@@ -352,6 +355,13 @@ def _run_epochs(config, workdir, dataset: Cifar10, devices: parallel.DeviceSet, 
             write_history(workdir, history)
             print(_epoch_line(metrics), flush=True)
     return TrainResult(history, workdir, parallel.unreplicate(state).params)
+
+
+def draw_training_curves(workdir: Path, history: list[dict]) -> Path:
+    """WORKDIR/plots/training_curves.png, redrawn whenever a run (or its resumption) ends."""
+    from cifar_jax import plots, report  # matplotlib loads only here, not on every start-up
+
+    return plots.plot_training_curves(history, workdir / report.PLOTS_SUBDIR / report.PLOT_FILES["training_curves"])
 
 
 def _raise_if_diverged(running_replicated: dict, epoch: int) -> dict:

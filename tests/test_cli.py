@@ -1,0 +1,56 @@
+"""The command line end to end, as a user runs it: a real `python -m cifar_jax` process on a tiny archive."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+METRIC_KEYS = {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "epoch_seconds",
+               "images_per_second"}
+
+
+def run_cli(*args, timeout=240):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "cifar_jax", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_train_on_a_tiny_archive_writes_sane_metrics_and_curves(learnable_data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    done = run_cli("train", "--model", "model0", "--epochs", "2", "--batch-size", "32", "--eval-batch-size", "101",
+                   "--data-dir", str(learnable_data_dir), "--workdir", str(workdir), "--seed", "0", "--no-progress")
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2]
+    for row in rows:
+        assert set(row) == METRIC_KEYS
+        assert all(math.isfinite(row[key]) for key in METRIC_KEYS)
+        assert 0 <= row["train_accuracy"] <= 1 and 0 <= row["test_accuracy"] <= 1
+        assert row["images_per_second"] > 0 and row["epoch_seconds"] > 0
+    assert rows[1]["train_loss"] < rows[0]["train_loss"]
+    assert json.loads((workdir / "config.json").read_text())["learning_rate"] == 1e-3
+    assert (workdir / "plots" / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"run finished: {workdir}" in done.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "batch_size must be a positive integer, got 0"),
+    (["--model", "model9"], "unknown model 'model9': choose one of model0, model1, model2"),
+    (["--learning-rate", "-1"], "learning_rate must be a positive number, got -1.0"),
+    (["--data-dir", "/nonexistent/cifar", "--data", "archive"], "cifar-10-binary.tar.gz"),
+])
+def test_user_errors_are_one_line_without_traceback(tmp_path, args, message):
+    done = run_cli("train", "--workdir", str(tmp_path / "run"), "--no-progress", *args, timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cifar-jax: error: ") and message in lines[0], done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_help_lists_every_subcommand():
+    done = run_cli("--help", timeout=60)
+    assert done.returncode == 0
+    for command in ("train", "evaluate", "plot", "predict"):
+        assert command in done.stdout
