@@ -4,10 +4,10 @@ Every conv is 3x3, stride 1, VALID padding, ReLU; every pool is 2x2 max-pool; in
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from cifar_jax.errors import ConfigError
@@ -95,4 +95,4 @@ def count_params(name: str) -> int:
     """Number of trainable parameters of a registered model (computed from shapes, nothing initialised)."""
     abstract_model = nnx.eval_shape(lambda: create_model(name))
     params = nnx.state(abstract_model, nnx.Param)
-    return sum(int(jnp.size(leaf)) for leaf in jax.tree.leaves(params))
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))

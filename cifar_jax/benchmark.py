@@ -1,0 +1,194 @@
+"""How fast is it, measured: compile time, steady-state training and inference throughput, FLOPs, memory.
+
+Everything is timed on the real code paths: the training loop's own pmapped step (built by
+`train.build_train_step`), the `Evaluator` the loop evaluates with, and `Predictor.predict` on arrays.
+Throughput is the median of several timed windows after a warm-up; the device is synchronised at each window's
+end, so asynchronous dispatch cannot flatter the figure.
+"""
+from __future__ import annotations
+
+import dataclasses
+import resource
+import statistics
+import time
+from importlib import metadata as package_metadata
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cifar_jax import optim, parallel
+from cifar_jax.config import TrainConfig
+from cifar_jax.data import CLASS_NAMES, Cifar10, load_cifar10
+from cifar_jax.predict import DEFAULT_BATCH_SIZE, Predictor
+from cifar_jax.train import (Evaluator, TrainState, build_train_step, empty_running_metrics, epoch_order,
+                             init_params)
+
+EPOCH_IMAGES = 50_000  # "seconds per epoch" is always for CIFAR-10's full training set
+WARMUP_STEPS = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchmarkSettings:
+    """What to time beyond the TrainConfig: how long, in how many windows."""
+
+    epochs: float = 1.0  # training time measured, in epochs of the dataset (after warm-up)
+    windows: int = 5  # the timed training is split in this many windows; the median counts
+    max_steps: Optional[int] = None  # cap on timed training steps (short smoke runs)
+    inference_repeats: int = 3
+
+
+def versions() -> dict[str, str]:
+    return {name: package_metadata.version(name) for name in ("jax", "jaxlib", "flax", "optax")}
+
+
+def peak_host_memory_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def peak_device_memory_bytes(devices: parallel.DeviceSet) -> Optional[int]:
+    """Peak bytes in use on the first device, where the backend reports it (GPUs, TPUs; not the CPU)."""
+    stats = devices.local[0].memory_stats() if hasattr(devices.local[0], "memory_stats") else None
+    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def flops_of(compiled: Any) -> float:
+    """FLOPs of one call of a compiled (per-device) program, from XLA's cost analysis."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older jax returned one dict per program
+        analysis = analysis[0]
+    return float(analysis.get("flops", 0.0)) if analysis else 0.0
+
+
+def median_rate(run_window: Callable[[int], Any], items_per_window: int, windows: int) -> float:
+    """Median items/s over `windows` calls of run_window(window_index); each waits for the device at its end."""
+    rates = []
+    for window in range(windows):
+        started = time.perf_counter()
+        jax.block_until_ready(run_window(window))
+        rates.append(items_per_window / (time.perf_counter() - started))
+    return statistics.median(rates)
+
+
+# ---------------------------------------------------------------- training
+
+
+def _training_setup(config: TrainConfig, dataset: Cifar10, devices: parallel.DeviceSet):
+    steps_per_epoch = optim.steps_per_epoch(len(dataset.train_labels), config.batch_size)
+    optimizer = optim.create_optimizer(config, steps_per_epoch)
+    graphdef, params = init_params(config.model, config.seed)
+    state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+    step = build_train_step(config, graphdef, optimizer, devices)
+    arrays = devices.replicate((state, empty_running_metrics(), dataset.train_images, dataset.train_labels))
+    return graphdef, params, step, arrays, steps_per_epoch
+
+
+def time_training(config: TrainConfig, dataset: Cifar10, devices: parallel.DeviceSet,
+                  settings: BenchmarkSettings) -> dict[str, Any]:
+    graphdef, params, step, (state, running, images, labels), steps_per_epoch = _training_setup(config, dataset, devices)
+    order = np.concatenate([epoch_order(config.seed, epoch, len(dataset.train_labels)) for epoch in range(2)])
+
+    def batch(step_index: int) -> np.ndarray:
+        start = (step_index % steps_per_epoch) * config.batch_size
+        return devices.split(order[start:start + config.batch_size])
+
+    started = time.perf_counter()
+    compiled = step.lower(state, running, images, labels, batch(0)).compile()
+    compile_seconds = time.perf_counter() - started
+    carry = [state, running]
+
+    def run_steps(first: int, count: int):
+        for index in range(first, first + count):
+            carry[0], carry[1] = compiled(carry[0], carry[1], images, labels, batch(index))
+        return carry[0]
+
+    jax.block_until_ready(run_steps(0, WARMUP_STEPS))
+    timed_steps = max(settings.windows, round(settings.epochs * steps_per_epoch))
+    if settings.max_steps:
+        timed_steps = min(timed_steps, settings.max_steps)
+    steps_per_window = max(1, timed_steps // settings.windows)
+    images_per_second = median_rate(lambda w: run_steps(WARMUP_STEPS + w * steps_per_window, steps_per_window),
+                                    steps_per_window * config.batch_size, settings.windows)
+    flops_per_image = flops_of(compiled) / (config.batch_size // devices.global_count)
+    return {
+        "compile_seconds": compile_seconds,
+        "train_images_per_second": images_per_second,
+        "epoch_seconds": EPOCH_IMAGES / images_per_second,
+        "flops_per_image": flops_per_image,
+        "achieved_flops_per_second": flops_per_image * images_per_second,
+        "timed_steps": steps_per_window * settings.windows,
+        "_graphdef": graphdef,
+        "_params": parallel.unreplicate(carry[0]).params,
+    }
+
+
+# ---------------------------------------------------------------- inference
+
+
+def time_evaluation(config: TrainConfig, graphdef, params: dict, dataset: Cifar10, devices: parallel.DeviceSet,
+                    repeats: int) -> float:
+    evaluator = Evaluator(graphdef, config.standardize, config.eval_batch_size, devices)
+    params_replicated, images = devices.replicate((params, dataset.test_images))
+    count = len(dataset.test_labels)
+    evaluator.logits(params_replicated, images, count)  # compiles
+    return median_rate(lambda _: evaluator.logits(params_replicated, images, count), count, repeats)
+
+
+def time_prediction(config: TrainConfig, graphdef, params: dict, dataset: Cifar10, devices: parallel.DeviceSet,
+                    repeats: int) -> float:
+    predictor = Predictor(graphdef, params, CLASS_NAMES, config.standardize, DEFAULT_BATCH_SIZE, devices)
+    predictor.predict(dataset.test_images[:DEFAULT_BATCH_SIZE])  # compiles
+    return median_rate(lambda _: predictor.predict(dataset.test_images).probabilities, len(dataset.test_images),
+                       repeats)
+
+
+# ---------------------------------------------------------------- the whole benchmark
+
+
+def run_benchmark(config: TrainConfig, settings: BenchmarkSettings = BenchmarkSettings()) -> dict[str, Any]:
+    """Every figure of `cifar-jax benchmark` as one flat dict (the --json output)."""
+    config = config.resolved()
+    devices = parallel.DeviceSet.select(config.num_devices)
+    config.check_devices(devices.global_count)
+    dataset = load_cifar10(config.data_dir, config.data)
+    training = time_training(config, dataset, devices, settings)
+    graphdef, params = training.pop("_graphdef"), training.pop("_params")
+    result = {
+        "model": config.model,
+        "batch_size": config.batch_size,
+        "dtype": config.dtype,
+        "data_source": dataset.source,
+        "device_kind": devices.local[0].device_kind,
+        "device_count": devices.global_count,
+        **training,
+        "eval_images_per_second": time_evaluation(config, graphdef, params, dataset, devices,
+                                                  settings.inference_repeats),
+        "predict_images_per_second": time_prediction(config, graphdef, params, dataset, devices,
+                                                     settings.inference_repeats),
+        "peak_host_memory_bytes": peak_host_memory_bytes(),
+        "versions": versions(),
+    }
+    device_memory = peak_device_memory_bytes(devices)
+    if device_memory is not None:
+        result["peak_device_memory_bytes"] = device_memory
+    return result
+
+
+def format_benchmark(result: dict[str, Any]) -> str:
+    lines = [
+        f"{result['model']} · batch {result['batch_size']} · {result['dtype']} · {result['device_count']}× "
+        f"{result['device_kind']} · data {result['data_source']}",
+        f"compile                 {result['compile_seconds']:.2f} s",
+        f"training                {result['train_images_per_second']:,.0f} img/s "
+        f"({result['epoch_seconds']:.1f} s per 50,000-image epoch; median of windows over {result['timed_steps']} steps)",
+        f"evaluation              {result['eval_images_per_second']:,.0f} img/s",
+        f"predict (arrays)        {result['predict_images_per_second']:,.0f} img/s",
+        f"FLOPs per train image   {result['flops_per_image'] / 1e6:.2f} MFLOP "
+        f"(achieved {result['achieved_flops_per_second'] / 1e9:.1f} GFLOP/s)",
+        f"peak host memory        {result['peak_host_memory_bytes'] / 2**20:,.0f} MiB",
+    ]
+    if "peak_device_memory_bytes" in result:
+        lines.append(f"peak device memory      {result['peak_device_memory_bytes'] / 2**20:,.0f} MiB")
+    lines.append("versions                " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()))
+    return "\n".join(lines)

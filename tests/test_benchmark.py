@@ -1,0 +1,64 @@
+"""`cifar-jax benchmark`: every figure present and positive; FLOPs agree with a hand count; bfloat16 still learns."""
+import importlib
+import json
+
+import pytest
+
+from cifar_jax import TrainConfig, train
+from cifar_jax.cli import main
+from learnable import class_coloured_dataset
+
+train_module = importlib.import_module("cifar_jax.train")
+
+POSITIVE_KEYS = ("compile_seconds", "train_images_per_second", "epoch_seconds", "flops_per_image",
+                 "achieved_flops_per_second", "eval_images_per_second", "predict_images_per_second",
+                 "peak_host_memory_bytes", "device_count", "batch_size", "timed_steps")
+
+
+@pytest.fixture(scope="module")
+def model0_benchmark():
+    """A short benchmark of model0 on synthetic data, through the CLI, as parsed --json output."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = main(["benchmark", "--model", "model0", "--batch-size", "32", "--max-steps", "8", "--windows", "2",
+                       "--json"])
+    assert status == 0
+    return json.loads(out.getvalue())
+
+
+def test_json_has_every_figure_with_positive_values(model0_benchmark):
+    for key in POSITIVE_KEYS:
+        assert model0_benchmark[key] > 0, key
+    assert model0_benchmark["epoch_seconds"] == pytest.approx(50_000 / model0_benchmark["train_images_per_second"])
+    assert model0_benchmark["data_source"].startswith("synthetic")
+    assert model0_benchmark["device_count"] == 4 and model0_benchmark["device_kind"]
+    assert set(model0_benchmark["versions"]) >= {"jax", "jaxlib", "flax"}
+    assert model0_benchmark["dtype"] == "float32"
+
+
+def hand_counted_training_flops_per_image() -> int:
+    """model0: 2 FLOPs per multiply-add; backward = weight grads (same MACs) + input grads (all but the first conv)."""
+    conv_macs = [30 * 30 * 16 * 3 * 3 * 3, 13 * 13 * 32 * 3 * 3 * 16, 4 * 4 * 64 * 3 * 3 * 32]
+    dense_macs = [256 * 256, 256 * 10]
+    forward = 2 * (sum(conv_macs) + sum(dense_macs))
+    return 3 * forward - 2 * conv_macs[0]
+
+
+def test_flops_per_image_match_a_hand_count(model0_benchmark):
+    assert hand_counted_training_flops_per_image() == 8_405_760
+    assert model0_benchmark["flops_per_image"] == pytest.approx(8_405_760, rel=0.10)
+
+
+def test_bfloat16_learns_as_well_as_float32(tmp_path, monkeypatch):
+    dataset = class_coloured_dataset(num_train=512, num_test=101)
+    monkeypatch.setattr(train_module, "load_cifar10", lambda data_dir=None, source="auto": dataset)
+    accuracy = {}
+    for dtype in ("float32", "bfloat16"):
+        config = TrainConfig(model="model0", epochs=3, batch_size=32, eval_batch_size=40, dtype=dtype,
+                             workdir=str(tmp_path / dtype), progress=False)
+        accuracy[dtype] = train(config).history[-1]["test_accuracy"]
+    assert accuracy["float32"] > 0.8  # chance is 0.1
+    assert abs(accuracy["bfloat16"] - accuracy["float32"]) <= 0.05, accuracy
