@@ -7,6 +7,7 @@ corrupt one is skipped with a warning in favour of the previous good one.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import logging
@@ -14,13 +15,15 @@ import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from cifar_jax import distributed, parallel
+from cifar_jax.distributed import first_line
 from cifar_jax.errors import CheckpointError
 
 CHECKPOINTS_SUBDIR = "checkpoints"
@@ -84,9 +87,38 @@ def open_manager(workdir: str | Path, keep_latest: int = 3, read_only: bool = Fa
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
+@contextlib.contextmanager
+def managed(workdir: str | Path, keep_latest: int = 3) -> Iterator[ocp.CheckpointManager]:
+    """A manager for training, closed on the way out once its pending save is written.
+
+    In a multi-process run a lost peer ends it as `PeerLostError`, and the pending save is left unfinished:
+    its barrier would wait for the dead process (the previous checkpoint stays the latest good one).
+    """
+    manager = open_manager(workdir, keep_latest)
+    resume_hint = f"start every process again to resume from the last checkpoint in {Path(workdir)}"
+    try:
+        with distributed.peer_failures_as_errors(resume_hint):
+            yield manager
+    except distributed.PeerLostError:
+        raise
+    except BaseException:
+        _close(manager, resume_hint)
+        raise
+    _close(manager, resume_hint)
+
+
+def _close(manager: ocp.CheckpointManager, resume_hint: str) -> None:
+    with distributed.peer_failures_as_errors(resume_hint):
+        manager.wait_until_finished()
+        manager.close()
+
+
 def save(manager: ocp.CheckpointManager, step: int, params: Any, train_state: dict, metadata: dict,
          metrics: Optional[dict] = None) -> None:
-    """Start an async save of host (numpy) copies; host copies keep donated device buffers out of the writer's way."""
+    """Start an async save of host (numpy) copies; host copies keep donated device buffers out of the writer's way.
+
+    Every process calls it; the arrays are replicated, so Orbax has process 0 write them (and the metadata).
+    """
     host_params, host_state = jax.device_get((params, train_state))
     manager.save(
         step,
@@ -149,19 +181,27 @@ def restore_newest_good(manager: ocp.CheckpointManager, abstract_params: Any,
     """The newest checkpoint that restores cleanly, or None if there is none.
 
     Corrupt ones are moved aside to WORKDIR/corrupt_checkpoints/ (kept for inspection, out of Orbax's way so the
-    run can save that step again) with a warning.
+    run can save that step again) with a warning. Every process reads the same files and so gives up on the same
+    steps; process 0 alone moves them, once all have stopped reading.
     """
     for step in sorted(manager.all_steps(), reverse=True):
         try:
             return _restore_step(manager, step, abstract_params, abstract_train_state)
         except Exception as error:  # a corrupt checkpoint may fail anywhere inside Orbax or TensorStore
-            quarantine = Path(manager.directory).parent / "corrupt_checkpoints" / f"{step}-{int(time.time())}"
-            warnings.warn(f"checkpoint {step} in {manager.directory} is unreadable ({_first_line(error)}); "
-                          f"falling back to the previous one and moving it to {quarantine}", stacklevel=2)
-            quarantine.parent.mkdir(exist_ok=True)
-            shutil.move(str(Path(manager.directory) / str(step)), quarantine)
+            distributed.barrier(f"cifar_jax:checkpoint-{step}-unreadable")
+            if parallel.is_main_process():
+                _quarantine(manager, step, error)
+            distributed.barrier(f"cifar_jax:checkpoint-{step}-moved")
             manager.reload()
     return None
+
+
+def _quarantine(manager: ocp.CheckpointManager, step: int, error: Exception) -> None:
+    quarantine = Path(manager.directory).parent / "corrupt_checkpoints" / f"{step}-{int(time.time())}"
+    warnings.warn(f"checkpoint {step} in {manager.directory} is unreadable ({first_line(error)}); "
+                  f"falling back to the previous one and moving it to {quarantine}", stacklevel=3)
+    quarantine.parent.mkdir(exist_ok=True)
+    shutil.move(str(Path(manager.directory) / str(step)), quarantine)
 
 
 def restore_for_inference(location: str | Path, step: str | int, abstract_params_for: Any) -> Restored:
@@ -181,10 +221,5 @@ def restore_for_inference(location: str | Path, step: str | int, abstract_params
         metadata = read_metadata(manager, number)
         return _restore_step(manager, number, abstract_params_for(metadata["model"]), None)
     except Exception as error:
-        raise CheckpointError(f"checkpoint {number} in {path} could not be read ({_first_line(error)}): "
+        raise CheckpointError(f"checkpoint {number} in {path} could not be read ({first_line(error)}): "
                               "choose another with --step") from None
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]

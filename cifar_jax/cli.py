@@ -39,22 +39,29 @@ def config_overrides(args: argparse.Namespace, config_class: type) -> dict[str, 
 
 
 def _train(args: argparse.Namespace) -> int:
+    from cifar_jax import distributed
     from cifar_jax.config import TrainConfig
+    from cifar_jax.parallel import is_main_process
     from cifar_jax.train import train
 
+    distributed.initialize(distributed.settings_from(args))  # before anything touches a device
     overrides = config_overrides(args, TrainConfig)
     saved = Path(overrides["workdir"]).expanduser() / "config.json" if "workdir" in overrides else None
     # Resuming with just --workdir takes the run's own settings; flags given on top must agree with them.
     base = TrainConfig.load(saved) if saved and saved.exists() else TrainConfig()
-    result = train(dataclasses.replace(base, **overrides))
-    if not result.interrupted:
+    try:
+        result = train(dataclasses.replace(base, **overrides))
+    except distributed.PeerLostError as error:
+        print(f"cifar-jax: error: {error}", file=sys.stderr)
+        distributed.exit_after_peer_loss(2)
+    if not result.interrupted and is_main_process():
         print(f"run finished: {result.workdir}")
     return 0
 
 
 def _add_run_evaluation_flags(parser: argparse.ArgumentParser) -> None:
     """Flags shared by `evaluate` and `plot`: which run, which checkpoint, which data, how many devices."""
-    from cifar_jax.config import DATA_SOURCES
+    from cifar_jax.data import DATA_SOURCES
 
     parser.add_argument("--workdir", required=True, help="the training run's folder")
     parser.add_argument("--step", default="best",
@@ -105,7 +112,78 @@ def _predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _benchmark(args: argparse.Namespace) -> int:
+    import json
+
+    from cifar_jax.benchmark import BenchmarkSettings, format_benchmark, run_benchmark
+    from cifar_jax.config import TrainConfig
+
+    config = TrainConfig(**{**config_overrides(args, TrainConfig), "progress": False})
+    settings = BenchmarkSettings(epochs=args.timed_epochs, windows=args.windows, max_steps=args.max_steps)
+    result = run_benchmark(config, settings)
+    print(json.dumps(result, indent=2) if args.json else format_benchmark(result))
+    return 0
+
+
+def _add_benchmark_parser(commands) -> None:
+    from cifar_jax.config import TrainConfig
+
+    parser = commands.add_parser(
+        "benchmark", help="time compile, training, evaluation and predict; FLOPs and memory",
+        description="Times the real train step, evaluation and predict path: compile seconds, steady-state images/s "
+                    "(median of timed windows after a warm-up), seconds per 50,000-image epoch, FLOPs per image "
+                    "from XLA's cost analysis, peak memory. Uses synthetic data unless --data says otherwise.")
+    add_config_flags(parser, TrainConfig, skip=("epochs", "workdir", "resume", "progress", "checkpoint_every",
+                                                "keep_checkpoints"))
+    parser.set_defaults(data="synthetic")
+    parser.add_argument("--epochs", dest="timed_epochs", type=float, default=1.0,
+                        help="training to time, in epochs of the dataset, after warm-up (default: 1)")
+    parser.add_argument("--windows", type=int, default=5, help="timed windows; the median counts (default: 5)")
+    parser.add_argument("--max-steps", type=int, default=None, help="cap on timed training steps (quick checks)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(handler=_benchmark)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from cifar_jax.compare import FAILED, INTERRUPTED, RESULTS_MD, compare, comparison_from_options
+    from cifar_jax.config import TrainConfig
+
+    base, grid, out, parallel = comparison_from_options(args.config, config_overrides(args, TrainConfig), args.models,
+                                                        args.grid or (), args.out, args.parallel)
+    rows = compare(base, grid, out, parallel=parallel)
+    statuses = [row["status"] for row in rows]
+    print(f"{len(rows)} run{'s' * (len(rows) != 1)}: "
+          + ", ".join(f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses)))
+    print(f"results: {Path(out or base.workdir) / RESULTS_MD}")
+    if INTERRUPTED in statuses:
+        print("interrupted runs saved a checkpoint: run the same command again to resume them")
+    return 1 if FAILED in statuses else 0
+
+
+def _add_compare_parser(commands) -> None:
+    from cifar_jax.config import TrainConfig
+
+    parser = commands.add_parser(
+        "compare", help="train a grid of settings and tabulate the results",
+        description="Train every combination of the grid's values on top of the other flags, each run in "
+                    "OUT/runs/NAME, and write OUT/results.csv, OUT/results.md and OUT/test_curves.png. Re-running "
+                    "skips finished runs and resumes an interrupted one. Exits 1 if any run failed.")
+    parser.add_argument("--out", default=None,
+                        help="the comparison folder (required unless the --config file sets out)")
+    parser.add_argument("--models", default=None, help="comma-separated models to compare, e.g. model0,model1")
+    parser.add_argument("--grid", action="append", metavar="FIELD=V1,V2", default=None,
+                        help="a config field and its values, e.g. learning_rate=1e-3,1e-2 (repeatable)")
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="TOML or JSON file with [base] fields, a [grid] of lists, and optional out, parallel; "
+                             "flags given here override it")
+    parser.add_argument("--parallel", action="store_true",
+                        help="train runs side by side, one per device, each in its own process")
+    add_config_flags(parser, TrainConfig, skip=("model", "workdir", "resume"))
+    parser.set_defaults(handler=_compare)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from cifar_jax import distributed
     from cifar_jax.config import TrainConfig
 
     parser = argparse.ArgumentParser(prog="cifar-jax", description="Train, compare, checkpoint and serve small "
@@ -115,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser = commands.add_parser("train", help="train or resume a model",
                                        description="Train a model; on a workdir with checkpoints, resume it.")
     add_config_flags(train_parser, TrainConfig)
+    distributed.add_flags(train_parser)
     train_parser.set_defaults(handler=_train)
 
     evaluate_parser = commands.add_parser(
@@ -149,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict_parser.add_argument("--num-devices", type=int, default=None,
                                 help="use only the first N local devices (default: all)")
     predict_parser.set_defaults(handler=_predict)
+    _add_benchmark_parser(commands)
+    _add_compare_parser(commands)
     return parser
 
 

@@ -8,11 +8,14 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from cifar_jax.augment import PAD_MODES
+from cifar_jax.data import DATA_SOURCES
 from cifar_jax.errors import ConfigError
-from cifar_jax.models import MODELS
+from cifar_jax.models import IMAGE_SHAPE, MODELS
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-DATA_SOURCES = ("auto", "tfds", "archive", "download", "synthetic")
+LR_SCHEDULES = ("constant", "cosine", "onecycle")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 DEFAULT_RUNS_DIR = Path("checkpoints")
 
 # The tutorial's training settings per model; `learning_rate`/`optimizer` left unset take these.
@@ -22,6 +25,28 @@ PRESETS: dict[str, dict[str, Any]] = {
     "model1": {"optimizer": "adam", "learning_rate": 1e-3},
     "model2": {"optimizer": "sgd", "learning_rate": 1e-2},
 }
+
+# The Keras tutorial's recipe apart from the per-model PRESETS: batch 32, 10 epochs, constant rate, nothing else.
+_TUTORIAL_RECIPE: dict[str, Any] = {"epochs": 10, "batch_size": 32, "lr_schedule": "constant", "label_smoothing": 0.0,
+                                    "grad_clip_norm": 0.0, "augment": False, "cutout": 0, "tta_flip": False}
+
+# Training recipes: per model, the values of the fields a run leaves unset (explicit flags always win).
+# "tuned" was chosen from comparison runs on real CIFAR-10: docs/recipes.md has the table and the commands.
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "tutorial": {model: {**_TUTORIAL_RECIPE, **preset} for model, preset in PRESETS.items()},
+    "tuned": {
+        "model0": {**_TUTORIAL_RECIPE, "epochs": 30, "batch_size": 128, "optimizer": "adamw", "learning_rate": 3e-3,
+                   "lr_schedule": "cosine", "warmup_epochs": 1.0, "weight_decay": 5e-4, "augment": True},
+        "model1": {**_TUTORIAL_RECIPE, "epochs": 30, "batch_size": 128, "optimizer": "adamw", "learning_rate": 1e-3,
+                   "lr_schedule": "cosine", "warmup_epochs": 1.0, "weight_decay": 5e-4, "augment": True},
+    },
+}
+# model2 is model1's network (it differed only in the tutorial's optimizer), so it shares model1's tuned recipe.
+RECIPES["tuned"]["model2"] = RECIPES["tuned"]["model1"]
+# Unset after the recipe: warm-up as a fraction of the epochs (one-cycle's rising phase: optax's 30%), and
+# weight decay as optax's own default for adamw (1e-4), none otherwise.
+DEFAULT_WARMUP_FRACTION = {"constant": 0.0, "cosine": 0.0, "onecycle": 0.3}
+DEFAULT_WEIGHT_DECAY = {"adamw": 1e-4}
 
 
 def _field(default, help_text: str, **metadata):
@@ -33,10 +58,32 @@ class TrainConfig:
     """Everything a training run depends on; saved as WORKDIR/config.json. Every field is a CLI flag."""
 
     model: str = _field("model0", "network to train: model0, model1 or model2")
-    epochs: int = _field(10, "number of passes over the training set")
-    batch_size: int = _field(32, "global batch size, split evenly over all devices (the tutorial's Keras default)")
-    learning_rate: Optional[float] = _field(None, "step size; unset takes the model's preset (1e-3 Adam; model2: 1e-2 SGD)")
-    optimizer: Optional[str] = _field(None, "adam, adamw or sgd; unset takes the model's preset")
+    recipe: str = _field("tutorial", "training recipe: tutorial (the Keras tutorial's settings) or tuned (per model, "
+                         "chosen on real data: docs/recipes.md); it fills every option below left unset")
+    epochs: Optional[int] = _field(None, "number of passes over the training set; unset takes the recipe's (tutorial: 10)")
+    batch_size: Optional[int] = _field(None, "global batch size, split evenly over all devices; unset takes the "
+                                       "recipe's (tutorial: 32, Keras's default)")
+    learning_rate: Optional[float] = _field(None, "(peak) step size; unset takes the recipe's (tutorial: 1e-3 Adam; "
+                                            "model2: 1e-2 SGD)")
+    optimizer: Optional[str] = _field(None, "adam, adamw or sgd; unset takes the recipe's")
+    lr_schedule: Optional[str] = _field(None, "constant, cosine (warm-up, then cosine decay to 0) or onecycle; "
+                                        "unset takes the recipe's (tutorial: constant)")
+    warmup_epochs: Optional[float] = _field(None, "epochs of linear warm-up from 0 (onecycle: its rising phase); "
+                                            "unset takes the recipe's, else 0 (onecycle: 0.3 x epochs)")
+    weight_decay: Optional[float] = _field(None, "decoupled weight decay with adamw, L2 decay with adam and sgd; unset "
+                                           "takes the recipe's, else 1e-4 with adamw (optax's default), 0 otherwise")
+    label_smoothing: Optional[float] = _field(None, "mix this much of the uniform distribution into the one-hot "
+                                              "targets, from 0 to <1; unset takes the recipe's (tutorial: 0)")
+    grad_clip_norm: Optional[float] = _field(None, "clip the averaged gradient to this global norm, 0 = never; "
+                                             "unset takes the recipe's (tutorial: 0)")
+    augment: Optional[bool] = _field(None, "random crop (padded by --crop-padding) and horizontal flip of training "
+                                     "images, on the device; unset takes the recipe's (tutorial: off)")
+    crop_padding: int = _field(4, "pixels of padding on each side before the random 32x32 crop (with --augment)")
+    pad_mode: str = _field("reflect", "how --augment pads before cropping: reflect or zero (black pixels)")
+    cutout: Optional[int] = _field(None, "with --augment, black out a random square of this side, 0 = off; unset "
+                                   "takes the recipe's (tutorial: 0)")
+    tta_flip: Optional[bool] = _field(None, "test metrics average each test image's logits with its mirror "
+                                      "image's; unset takes the recipe's (tutorial: off)")
     seed: int = _field(0, "seeds parameter init and the data order, so a run is reproducible")
     data: str = _field("auto", "where the data comes from: auto, tfds, archive, download, or synthetic (random pixels)")
     data_dir: Optional[str] = _field(None, "dataset folder; unset uses $TFDS_DATA_DIR, else ~/tensorflow_datasets")
@@ -48,19 +95,29 @@ class TrainConfig:
     resume: bool = _field(True, "continue from WORKDIR's latest checkpoint; --no-resume refuses a workdir that has one")
     progress: bool = _field(True, "show a progress bar with live loss and accuracy")
     num_devices: Optional[int] = _field(None, "use only the first N local devices; unset uses every device")
+    dtype: str = _field("float32", "compute dtype of the forward and backward pass: float32, or bfloat16 (weights, "
+                        "optimizer and loss stay float32)")
 
     def resolved(self) -> "TrainConfig":
-        """A copy with the model's presets filled in and every value checked (device counts are checked later)."""
+        """A copy with the recipe's values in every unset field and every value checked (devices are checked later)."""
         if self.model not in MODELS:
             raise ConfigError(f"unknown model {self.model!r}: choose one of {', '.join(MODELS)}")
-        preset = PRESETS[self.model]
-        config = dataclasses.replace(
-            self,
-            optimizer=self.optimizer or preset["optimizer"],
-            learning_rate=preset["learning_rate"] if self.learning_rate is None else self.learning_rate,
-        )
+        if self.recipe not in RECIPES:
+            raise ConfigError(f"unknown recipe {self.recipe!r}: choose one of {', '.join(RECIPES)}")
+        recipe = RECIPES[self.recipe][self.model]
+        config = dataclasses.replace(self, **{name: value for name, value in recipe.items() if getattr(self, name) is None})
+        config = config._with_fallback_defaults()
         config.validate()
         return config
+
+    def _with_fallback_defaults(self) -> "TrainConfig":
+        """Warm-up and weight decay that neither the flags nor the recipe set take their per-schedule/optimizer default."""
+        warmup, decay = self.warmup_epochs, self.weight_decay
+        if warmup is None and self.lr_schedule in DEFAULT_WARMUP_FRACTION and isinstance(self.epochs, int):
+            warmup = DEFAULT_WARMUP_FRACTION[self.lr_schedule] * self.epochs
+        if decay is None:
+            decay = DEFAULT_WEIGHT_DECAY.get(self.optimizer, 0.0)
+        return dataclasses.replace(self, warmup_epochs=warmup, weight_decay=decay)
 
     def validate(self) -> None:
         positive_ints = ("epochs", "batch_size", "eval_batch_size", "checkpoint_every", "keep_checkpoints")
@@ -77,8 +134,43 @@ class TrainConfig:
             raise ConfigError(f"learning_rate must be a positive number, got {rate!r}")
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ConfigError(f"unknown dtype {self.dtype!r}: choose one of {', '.join(COMPUTE_DTYPES)}")
         if self.data not in DATA_SOURCES:
             raise ConfigError(f"unknown data source {self.data!r}: choose one of {', '.join(DATA_SOURCES)}")
+        self._validate_recipe_fields()
+
+    def _validate_recipe_fields(self) -> None:
+        """Schedule, regularisation and augmentation values (called once the recipe has filled them in)."""
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"unknown lr_schedule {self.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
+        if not (_is_number(self.warmup_epochs) and 0 <= self.warmup_epochs < self.epochs):
+            raise ConfigError(f"warmup_epochs must be a number from 0 to less than epochs ({self.epochs}), "
+                              f"got {self.warmup_epochs!r}")
+        if self.lr_schedule == "onecycle" and not self.warmup_epochs:
+            raise ConfigError("the onecycle schedule needs warmup_epochs > 0 (its rising phase): "
+                              "leave --warmup-epochs unset for 0.3 x epochs")
+        for name in ("weight_decay", "grad_clip_norm"):
+            value = getattr(self, name)
+            if not (_is_number(value) and value >= 0):
+                raise ConfigError(f"{name} must be a non-negative number (0 = off), got {value!r}")
+        if not (_is_number(self.label_smoothing) and 0 <= self.label_smoothing < 1):
+            raise ConfigError(f"label_smoothing must be a number from 0 to less than 1, got {self.label_smoothing!r}")
+        for name in ("augment", "tta_flip"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        self._validate_augmentation()
+
+    def _validate_augmentation(self) -> None:
+        max_padding = IMAGE_SHAPE[0] // 2
+        if not (_is_int(self.crop_padding) and 0 <= self.crop_padding <= max_padding):
+            raise ConfigError(f"crop_padding must be an integer from 0 to {max_padding}, got {self.crop_padding!r}")
+        if self.pad_mode not in PAD_MODES:
+            raise ConfigError(f"unknown pad_mode {self.pad_mode!r}: choose one of {', '.join(PAD_MODES)}")
+        if not (_is_int(self.cutout) and 0 <= self.cutout <= IMAGE_SHAPE[0]):
+            raise ConfigError(f"cutout must be an integer from 0 to {IMAGE_SHAPE[0]} (0 = off), got {self.cutout!r}")
+        if self.cutout and not self.augment:
+            raise ConfigError(f"cutout {self.cutout} only applies to augmented images: add --augment, or drop --cutout")
 
     def check_devices(self, num_devices: int) -> None:
         for name in ("batch_size", "eval_batch_size"):
@@ -112,14 +204,30 @@ class TrainConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 # Fields that define what a run computes: resuming with a different value would silently mix two runs.
-RUN_IDENTITY_FIELDS = ("model", "batch_size", "learning_rate", "optimizer", "seed", "standardize")
+RUN_IDENTITY_FIELDS = ("model", "batch_size", "learning_rate", "optimizer", "seed", "standardize", "recipe",
+                       "lr_schedule", "warmup_epochs", "weight_decay", "label_smoothing", "grad_clip_norm", "augment",
+                       "crop_padding", "pad_mode", "cutout", "tta_flip", "dtype")
+
+
+def identity_fields(config: TrainConfig) -> tuple[str, ...]:
+    """RUN_IDENTITY_FIELDS, plus epochs when a decaying schedule's length depends on it (a constant rate can extend)."""
+    return RUN_IDENTITY_FIELDS + (("epochs",) if config.lr_schedule in ("cosine", "onecycle") else ())
 
 
 def conflicting_fields(saved: TrainConfig, requested: TrainConfig) -> list[str]:
     """Identity fields whose requested value differs from the saved run's, described as 'name: saved vs requested'."""
+    saved = saved.resolved()  # a run saved before a field existed ran with that field's recipe value
     return [
         f"{name}: {getattr(saved, name)!r} in the run vs {getattr(requested, name)!r} requested"
-        for name in RUN_IDENTITY_FIELDS
+        for name in identity_fields(saved)
         if getattr(saved, name) != getattr(requested, name)
     ]

@@ -104,12 +104,14 @@ def eval_batch_size(requested: int, num_examples: int, num_devices: int) -> int:
 
 
 def model_logits(model_name: str, params: Any, standardize: bool, images_nhwc_uint8: np.ndarray,
-                num_devices: Optional[int] = None, requested_batch: int = DEFAULT_EVAL_BATCH_SIZE) -> np.ndarray:
-    """Logits of every image, in order, computed on `num_devices` devices (all when None)."""
+                num_devices: Optional[int] = None, requested_batch: int = DEFAULT_EVAL_BATCH_SIZE,
+                tta_flip: bool = False) -> np.ndarray:
+    """Logits of every image, in order, computed on `num_devices` devices (all when None); with `tta_flip`,
+    averaged with the mirror images' logits."""
     devices = parallel.DeviceSet.select(num_devices)
     graphdef, _ = jax.eval_shape(lambda: init_params(model_name, 0))  # the structure only, nothing initialised
     batch = eval_batch_size(requested_batch, len(images_nhwc_uint8), devices.global_count)
-    evaluator = Evaluator(graphdef, standardize, batch, devices)
+    evaluator = Evaluator(graphdef, standardize, batch, devices, tta_flip)
     return evaluator.logits(devices.replicate(params), devices.replicate(images_nhwc_uint8), len(images_nhwc_uint8))
 
 
@@ -138,9 +140,11 @@ def dataset_for(metadata: dict, data_dir: Optional[str] = None, source: Optional
 
 def evaluate_restored(restored: checkpoint.Restored, dataset: Cifar10, num_devices: Optional[int] = None) -> EvaluationResult:
     meta = restored.metadata
-    requested_batch = meta.get("config", {}).get("eval_batch_size", DEFAULT_EVAL_BATCH_SIZE)
+    config = meta.get("config", {})
+    requested_batch = config.get("eval_batch_size", DEFAULT_EVAL_BATCH_SIZE)
+    # The same test-time view the run's own test metrics used (flip TTA when it was configured).
     logits = model_logits(meta["model"], restored.params, meta["normalization"]["standardize"], dataset.test_images,
-                         num_devices, requested_batch)
+                         num_devices, requested_batch, bool(config.get("tta_flip")))
     class_names = tuple(meta.get("class_names") or dataset.class_names)
     return summarize(logits, dataset.test_labels, class_names, meta["model"], restored.step, dataset.source)
 

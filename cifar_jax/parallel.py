@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 from flax import jax_utils
+from jax.experimental import multihost_utils
 
 from cifar_jax.errors import ConfigError
 
@@ -57,6 +58,15 @@ class DeviceSet:
         rows = global_batch.reshape((self.global_count, -1) + global_batch.shape[1:])
         start = jax.process_index() * self.num_local
         return rows[start:start + self.num_local]
+
+    def gather(self, per_device: jax.Array) -> np.ndarray:
+        """A pmapped output (leading axis = this process's devices) for every device of the run, as host numpy.
+
+        Each process holds only its own devices' rows; in a multi-process run they are gathered from all.
+        """
+        if jax.process_count() == 1:
+            return np.asarray(per_device)
+        return np.asarray(multihost_utils.process_allgather(per_device, tiled=True))
 
     def pmap(self, step: Callable, donate_argnums: tuple[int, ...] = ()) -> Callable:
         """pmap a per-device step; inside it, `lax.pmean(x, AXIS_NAME)` averages over all devices of the run."""

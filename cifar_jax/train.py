@@ -20,11 +20,13 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from cifar_jax import checkpoint, parallel
+from cifar_jax import checkpoint, distributed, optim, parallel
+from cifar_jax.augment import Augmentation, augment_batch, augmentation_for, example_keys
 from cifar_jax.config import TrainConfig, conflicting_fields
 from cifar_jax.data import CIFAR10_MEAN, CIFAR10_STD, CLASS_NAMES, Cifar10, load_cifar10, normalize_images
 from cifar_jax.errors import CheckpointError, ConfigError, TrainingDivergedError
 from cifar_jax.models import create_model
+from cifar_jax.optim import create_optimizer
 
 PROGRESS_REFRESH_STEPS = 50  # how often the bar reads metrics back; each read waits for the device
 
@@ -46,14 +48,6 @@ class TrainResult:
 # ---------------------------------------------------------------- model, optimizer, loss
 
 
-def create_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    if config.optimizer == "sgd":
-        return optax.sgd(config.learning_rate)
-    if config.optimizer == "adamw":
-        return optax.adamw(config.learning_rate)
-    return optax.adam(config.learning_rate)
-
-
 def init_params(model_name: str, seed: int) -> tuple[nnx.GraphDef, dict]:
     """The model's structure (static) and its parameters as a plain dict pytree."""
     graphdef, params = nnx.split(create_model(model_name, seed), nnx.Param)
@@ -65,13 +59,22 @@ def abstract_params(model_name: str) -> dict:
     return jax.eval_shape(lambda: init_params(model_name, 0)[1])
 
 
-def apply_model(graphdef: nnx.GraphDef, params: dict, images: jax.Array) -> jax.Array:
-    return nnx.merge(graphdef, nnx.State(params))(images)
+def apply_model(graphdef: nnx.GraphDef, params: dict, images: jax.Array, dtype: str = "float32") -> jax.Array:
+    """float32 logits. With dtype bfloat16 the pass runs on bfloat16 copies of the float32 parameters, whose
+    gradients come back float32 through the cast (mixed precision: the optimizer never sees bfloat16)."""
+    if dtype != "float32":
+        params = jax.tree.map(lambda p: p.astype(dtype), params)
+        images = images.astype(dtype)
+    return nnx.merge(graphdef, nnx.State(params))(images).astype(jnp.float32)
 
 
-def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Per-example softmax cross-entropy on integer class ids (Keras's sparse_categorical_crossentropy)."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+def cross_entropy_loss(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Per-example softmax cross-entropy on integer class ids (Keras's sparse_categorical_crossentropy),
+    against targets with `label_smoothing` of the uniform distribution mixed in."""
+    if not label_smoothing:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
 
 
 def empty_running_metrics() -> dict:
@@ -87,17 +90,26 @@ def empty_running_metrics() -> dict:
 # ---------------------------------------------------------------- per-device steps (pmapped)
 
 
-def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, standardize: bool) -> Callable:
-    """One data-parallel SGD step on one device's share of the global batch."""
+def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, standardize: bool,
+                    augmentation: Optional[Augmentation] = None, seed: int = 0,
+                    label_smoothing: float = 0.0, dtype: str = "float32") -> Callable:
+    """One data-parallel SGD step on one device's share of the global batch.
+
+    With `augmentation`, each image is augmented with a key from (seed, step, its dataset index), so resuming
+    replays it exactly and the device count does not change it.
+    """
 
     def train_step(state: TrainState, running: dict, images_all: jax.Array, labels_all: jax.Array,
                    batch_indices: jax.Array) -> tuple[TrainState, dict]:
-        images = normalize_images(images_all[batch_indices], standardize)
+        images_uint8 = images_all[batch_indices]
+        if augmentation is not None:
+            images_uint8 = augment_batch(images_uint8, example_keys(seed, state.step, batch_indices), augmentation)
+        images = normalize_images(images_uint8, standardize)
         labels = labels_all[batch_indices]
 
         def mean_loss(params):
-            logits = apply_model(graphdef, params, images)
-            return cross_entropy_loss(logits, labels).mean(), logits
+            logits = apply_model(graphdef, params, images, dtype)
+            return cross_entropy_loss(logits, labels, label_smoothing).mean(), logits
 
         (loss, logits), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params)
         grads = jax.lax.pmean(grads, parallel.AXIS_NAME)
@@ -105,7 +117,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         params = optax.apply_updates(state.params, updates)
 
         batch_loss_sum = jax.lax.psum(loss * labels.shape[0], parallel.AXIS_NAME)
-        finite = jnp.isfinite(batch_loss_sum) & jnp.isfinite(optax.global_norm(grads))
+        finite = jnp.isfinite(batch_loss_sum) & jnp.isfinite(optax.tree.norm(grads))
         first_bad = running["first_nonfinite_step"]
         running = {
             "loss_sum": running["loss_sum"] + batch_loss_sum,
@@ -118,11 +130,27 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     return train_step
 
 
-def make_predict_step(graphdef: nnx.GraphDef, standardize: bool) -> Callable:
-    """Logits for one device's share of an evaluation batch."""
+def build_train_step(config: TrainConfig, graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
+                     devices: parallel.DeviceSet) -> Callable:
+    """The training loop's step as configured, pmapped over the run's devices (also what `benchmark` times).
+
+    State and running metrics are donated: each step updates them in place instead of copying.
+    """
+    augmentation = augmentation_for(config.augment, config.crop_padding, config.pad_mode, config.cutout)
+    step = make_train_step(graphdef, optimizer, config.standardize, augmentation, config.seed,
+                           config.label_smoothing, config.dtype)
+    return devices.pmap(step, donate_argnums=(0, 1))
+
+
+def make_predict_step(graphdef: nnx.GraphDef, standardize: bool, tta_flip: bool = False) -> Callable:
+    """Logits for one device's share of an evaluation batch; with `tta_flip`, averaged with the mirror images'."""
 
     def predict_step(params: dict, images_all: jax.Array, indices: jax.Array) -> jax.Array:
-        return apply_model(graphdef, params, normalize_images(images_all[indices], standardize))
+        images = normalize_images(images_all[indices], standardize)
+        logits = apply_model(graphdef, params, images)
+        if tta_flip:
+            logits = (logits + apply_model(graphdef, params, images[:, :, ::-1, :])) / 2
+        return logits
 
     return predict_step
 
@@ -149,8 +177,9 @@ def padded_eval_batches(num_examples: int, global_batch: int) -> list[tuple[np.n
 class Evaluator:
     """Logits for every image of a device-resident set, exactly once, whatever the batch and device count."""
 
-    def __init__(self, graphdef: nnx.GraphDef, standardize: bool, global_batch: int, devices: parallel.DeviceSet):
-        self._predict = devices.pmap(make_predict_step(graphdef, standardize))
+    def __init__(self, graphdef: nnx.GraphDef, standardize: bool, global_batch: int, devices: parallel.DeviceSet,
+                 tta_flip: bool = False):
+        self._predict = devices.pmap(make_predict_step(graphdef, standardize, tta_flip))
         self.global_batch = global_batch
         self.devices = devices
 
@@ -160,7 +189,7 @@ class Evaluator:
             logits = self._predict(params_replicated, images_replicated, self.devices.split(indices))
             outputs.append((logits, mask))
         # Reading back only after every batch is queued keeps the device busy.
-        return np.concatenate([np.asarray(l).reshape(-1, l.shape[-1])[m] for l, m in outputs])
+        return np.concatenate([self.devices.gather(l).reshape(-1, l.shape[-1])[m] for l, m in outputs])
 
 
 def loss_and_accuracy(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
@@ -274,10 +303,10 @@ def train(config: TrainConfig) -> TrainResult:
     config.check_devices(devices.global_count)
     workdir = prepare_workdir(config)
     dataset = load_cifar10(config.data_dir, config.data)
-    optimizer = create_optimizer(config)
-    manager = checkpoint.open_manager(workdir, keep_latest=config.keep_checkpoints)
-    try:
+    optimizer = create_optimizer(config, optim.steps_per_epoch(len(dataset.train_labels), config.batch_size))
+    with checkpoint.managed(workdir, keep_latest=config.keep_checkpoints) as manager:
         graphdef, state, running, position = restore_or_init(config, manager, optimizer)
+        distributed.barrier("cifar_jax:run-checked")  # every process has read the workdir before it changes
         if parallel.is_main_process():  # only now that the workdir is known to hold this run
             write_json_atomically(workdir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
             write_history(workdir, position.history)
@@ -286,21 +315,16 @@ def train(config: TrainConfig) -> TrainResult:
         if parallel.is_main_process() and result.history:
             draw_training_curves(workdir, result.history)
         return result
-    finally:
-        manager.wait_until_finished()
-        manager.close()
 
 
 def _run_epochs(config, workdir, dataset: Cifar10, devices: parallel.DeviceSet, manager, graphdef, optimizer,
                 state, running, position, stop):
-    train_step = devices.pmap(make_train_step(graphdef, optimizer, config.standardize), donate_argnums=(0, 1))
-    evaluator = Evaluator(graphdef, config.standardize, config.eval_batch_size, devices)
+    train_step = build_train_step(config, graphdef, optimizer, devices)
+    evaluator = Evaluator(graphdef, config.standardize, config.eval_batch_size, devices, config.tta_flip)
     train_images, train_labels = devices.replicate((dataset.train_images, dataset.train_labels))
     test_images = devices.replicate(dataset.test_images)
     state, running = devices.replicate((state, running))
-    steps_per_epoch = len(dataset.train_labels) // config.batch_size  # the last partial batch is dropped
-    if steps_per_epoch == 0:
-        raise ConfigError(f"batch_size {config.batch_size} is larger than the {len(dataset.train_labels)} training images")
+    steps_per_epoch = optim.steps_per_epoch(len(dataset.train_labels), config.batch_size)
     history = list(position.history)
     show = config.progress and parallel.is_main_process()
 
@@ -320,13 +344,15 @@ def _run_epochs(config, workdir, dataset: Cifar10, devices: parallel.DeviceSet, 
             batch = order[step_in_epoch * config.batch_size:(step_in_epoch + 1) * config.batch_size]
             state, running = train_step(state, running, train_images, train_labels, devices.split(batch))
             bar.update(1)
-            if stop["signal"]:
+            stop_signal = distributed.agreed_stop(stop["signal"], epoch * steps_per_epoch + step_in_epoch + 1)
+            if stop_signal:
                 _raise_if_diverged(running, epoch)
                 save(epoch, step_in_epoch + 1, None)
                 manager.wait_until_finished()
                 bar.close()
-                print(f"{stop['signal']}: saved a checkpoint at epoch {epoch + 1}, step {step_in_epoch + 1}; "
-                      f"resume with: cifar-jax train --workdir {workdir}", flush=True)
+                if parallel.is_main_process():
+                    print(f"{stop_signal}: saved a checkpoint at epoch {epoch + 1}, step {step_in_epoch + 1}; "
+                          f"resume with: cifar-jax train --workdir {workdir}", flush=True)
                 return TrainResult(history, workdir, parallel.unreplicate(state).params, interrupted=True)
             if show and (step_in_epoch + 1) % PROGRESS_REFRESH_STEPS == 0:
                 bar.set_postfix(_running_summary(running, epoch))

@@ -1,0 +1,543 @@
+"""Hyperparameter comparisons: a base config plus a grid of values, one run per grid point in its own workdir under
+the comparison folder, and the results side by side: DIR/results.csv, DIR/results.md and DIR/test_curves.png.
+
+    cifar-jax compare --models model0,model1 --grid learning_rate=1e-3,1e-2 --epochs 10 --out comparisons/lr
+
+Run DIR/runs/NAME is named from its grid settings (`model=model0,learning_rate=0.001`). Re-running the same
+comparison skips finished runs and resumes an interrupted one from its checkpoint; a run that fails is recorded
+with its error and the others go on. With `parallel`, each run trains in a worker process that sees one device,
+as many at a time as there are devices.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import itertools
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import typing
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+
+from cifar_jax.cli import _flag_type
+from cifar_jax.config import TrainConfig, conflicting_fields
+from cifar_jax.errors import CifarJaxError, ConfigError
+from cifar_jax.models import MODELS, count_params
+from cifar_jax.report import _table, read_history
+from cifar_jax.train import stop_requests, train, write_json_atomically
+
+RUNS_SUBDIR = "runs"
+RUN_RECORD_FILE = "compare_result.json"  # how a run ended, written by compare into the run's workdir
+RUN_LOG_FILE = "train.log"  # a worker's output (parallel runs only)
+RESULTS_CSV = "results.csv"
+RESULTS_MD = "results.md"
+CURVES_PNG = "test_curves.png"
+FIELDS_COMPARE_SETS = ("workdir", "resume")  # every run gets its own workdir and always resumes
+
+PENDING, FINISHED, FAILED, INTERRUPTED = "pending", "finished", "failed", "interrupted"
+METRIC_COLUMNS = ("params", "train_accuracy", "train_loss", "test_accuracy", "test_loss", "best_test_accuracy",
+                  "best_epoch", "train_seconds", "images_per_second", "status", "error")
+COLUMN_TITLES = {"params": "parameters", "best_epoch": "best epoch", "train_seconds": "train seconds",
+                 "images_per_second": "images/s"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One grid point: its name, its grid settings and the full config it trains with."""
+
+    name: str
+    settings: dict
+    config: TrainConfig
+
+    @property
+    def workdir(self) -> Path:
+        return Path(self.config.workdir)
+
+
+# ---------------------------------------------------------------- the grid, typed like TrainConfig's fields
+
+
+@functools.cache
+def config_field_types() -> dict[str, tuple[type, bool]]:
+    """Each TrainConfig field's value type and whether it may be None (Optional[float] → (float, True))."""
+    hints = typing.get_type_hints(TrainConfig)
+    return {field.name: (_flag_type(hints[field.name]), type(None) in typing.get_args(hints[field.name]))
+            for field in dataclasses.fields(TrainConfig)}
+
+
+def _known_field(name: str) -> str:
+    field = name.strip().replace("-", "_")
+    known = config_field_types()
+    if field not in known or field in FIELDS_COMPARE_SETS:
+        choices = ", ".join(sorted(set(known) - set(FIELDS_COMPARE_SETS)))
+        raise ConfigError(f"unknown config field {name!r} in the comparison: known fields are {choices}")
+    return field
+
+
+_BOOLEAN_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def parse_value(field: str, value: Any) -> Any:
+    """A grid value as its field's type: text from the command line is parsed, JSON/TOML values are checked."""
+    kind, optional = config_field_types()[field]
+    text = value.strip().lower() if isinstance(value, str) else None
+    if optional and text in ("none", "null"):  # unset: the recipe's value
+        return None
+    if text is not None and kind is not str:
+        try:
+            return _BOOLEAN_WORDS[text] if kind is bool else kind(text)
+        except (KeyError, ValueError):
+            pass
+    elif kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    elif (value is None and optional) or (isinstance(value, kind) and not (kind is int and isinstance(value, bool))):
+        return value
+    raise ConfigError(f"{field}={value!r} is not a valid {kind.__name__}: give {field} values of that type")
+
+
+def typed_grid(grid: Mapping[str, Any]) -> dict[str, list]:
+    """{field: [values]} with known field names and values of the field's type; a single value becomes a list."""
+    typed: dict[str, list] = {}
+    for name, values in grid.items():
+        field = _known_field(name)
+        values = list(values) if isinstance(values, (list, tuple)) else [values]
+        if field in typed:
+            raise ConfigError(f"{field} is given twice in the grid: list all its values once, comma-separated")
+        if not values:
+            raise ConfigError(f"the grid gives no value for {field}: list at least one")
+        typed[field] = [parse_value(field, value) for value in values]
+    return typed
+
+
+def parse_grid_option(option: str) -> tuple[str, list[str]]:
+    """'learning_rate=1e-3,1e-2' → ('learning_rate', ['1e-3', '1e-2'])."""
+    name, equals, values = option.partition("=")
+    if not equals or not values.strip():
+        raise ConfigError(f"--grid {option!r} is not FIELD=VALUE[,VALUE...]: e.g. --grid learning_rate=1e-3,1e-2")
+    return _known_field(name), [value.strip() for value in values.split(",")]
+
+
+# ---------------------------------------------------------------- a comparison from a file and the command line
+
+
+def read_comparison_file(path: str | Path) -> dict:
+    """A TOML or JSON file with `[base]` (config fields), `[grid]` (field = list of values), and optional
+    `out` and `parallel`."""
+    path = Path(path).expanduser()
+    try:
+        if path.suffix.lower() == ".toml":
+            import tomllib  # Python 3.11+
+
+            spec = tomllib.loads(path.read_text())
+        else:
+            spec = json.loads(path.read_text())
+    except (OSError, ValueError, ImportError) as error:
+        raise ConfigError(f"cannot read the comparison file {path}: {error}") from None
+    unknown = sorted(set(spec) - {"base", "grid", "out", "parallel"})
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)} in {path}: use base, grid, out and parallel")
+    return spec
+
+
+def comparison_from_options(config_file: Optional[str], overrides: Mapping[str, Any], models: Optional[str],
+                            grid_options: Sequence[str], out: Optional[str],
+                            parallel: bool) -> tuple[TrainConfig, dict[str, list], Optional[str], bool]:
+    """(base config, grid, folder, parallel) from an optional file, overridden by command-line flags and --grid."""
+    spec = read_comparison_file(config_file) if config_file else {}
+    base_values = {_known_field(name): value for name, value in spec.get("base", {}).items()}
+    base = TrainConfig.from_dict({**base_values, **overrides})
+    grid = typed_grid(spec.get("grid", {}))
+    pairs = [parse_grid_option(option) for option in grid_options]
+    command_line_grid = dict(pairs)
+    if len(command_line_grid) < len(pairs):
+        raise ConfigError("a field is given by more than one --grid: list all its values once, comma-separated")
+    if models:
+        if "model" in command_line_grid:
+            raise ConfigError("models are given both by --models and --grid model=...: use one of them")
+        command_line_grid = {"model": [model.strip() for model in models.split(",")], **command_line_grid}
+    grid = {**{k: v for k, v in grid.items() if k not in command_line_grid}, **typed_grid(command_line_grid)}
+    return base, grid, out or spec.get("out"), parallel or bool(spec.get("parallel", False))
+
+
+# ---------------------------------------------------------------- runs
+
+
+def _name_part(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value).lower()
+    text = repr(value) if isinstance(value, float) else str(value)
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", text)  # safe as a folder name everywhere
+
+
+def run_name(settings: Mapping[str, Any]) -> str:
+    """'model=model0,learning_rate=0.001': every grid setting, in grid order; 'base' for an empty grid."""
+    return ",".join(f"{field}={_name_part(value)}" for field, value in settings.items()) or "base"
+
+
+def plan_runs(base: TrainConfig, grid: Mapping[str, list], out_dir: Path) -> list[Run]:
+    """One run per point of the grid's cross product, the first field varying slowest."""
+    runs = []
+    for values in itertools.product(*grid.values()):
+        settings = dict(zip(grid, values))
+        name = run_name(settings)
+        workdir = str(out_dir / RUNS_SUBDIR / name)
+        runs.append(Run(name, settings, dataclasses.replace(base, **settings, workdir=workdir, resume=True)))
+    names = [run.name for run in runs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ConfigError(f"the grid gives the same run more than once ({', '.join(repeated)}): list each value once")
+    return runs
+
+
+def read_run_record(workdir: Path) -> dict:
+    path = workdir / RUN_RECORD_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def write_run_record(workdir: Path, record: dict) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(workdir / RUN_RECORD_FILE, json.dumps(record, indent=2) + "\n")
+
+
+def is_finished(run: Run) -> bool:
+    """Finished earlier with this comparison's settings (same epochs, same run identity)."""
+    saved_config = run.workdir / "config.json"
+    if read_run_record(run.workdir).get("status") != FINISHED or not saved_config.exists():
+        return False
+    try:
+        requested, saved = run.config.resolved(), TrainConfig.load(saved_config)
+        return saved.epochs == requested.epochs and not conflicting_fields(saved, requested)
+    except (CifarJaxError, ValueError):  # training again reports what is wrong, as this run's error
+        return False
+
+
+def train_run(config: TrainConfig) -> dict:
+    """Train or resume one run and record how it ended in WORKDIR/compare_result.json; errors are recorded."""
+    workdir = Path(config.workdir)
+    (workdir / RUN_RECORD_FILE).unlink(missing_ok=True)  # until it ends again, the run is not finished
+    started = time.perf_counter()
+    try:
+        result = train(config)
+        record = {"status": INTERRUPTED if result.interrupted else FINISHED, "error": None}
+    except CifarJaxError as error:
+        record = {"status": FAILED, "error": str(error)}
+    except Exception as error:  # a bug or a device error (out of memory) in one run must not stop the others
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        record = {"status": FAILED, "error": f"{type(error).__name__}: {first_line}"}
+    record["wall_seconds"] = time.perf_counter() - started
+    write_run_record(workdir, record)
+    return record
+
+
+# ---------------------------------------------------------------- running the grid
+
+
+def _announce(position: str, run: Run, record: dict) -> None:
+    error = f": {record['error']}" if record.get("error") else ""
+    print(f"{position} {run.name}: {record['status']}{error}", flush=True)
+
+
+def run_one_by_one(runs: Sequence[tuple[str, Run]], on_run_end) -> None:
+    """Train in this process, one run after another; a Ctrl-C/SIGTERM (the run saves) stops the comparison."""
+    for position, run in runs:
+        print(f"{position} {run.name}: training", flush=True)
+        record = train_run(run.config)
+        _announce(position, run, record)
+        on_run_end()
+        if record["status"] == INTERRUPTED:
+            return
+
+
+_PROBE_DEVICES = "import jax; print(jax.default_backend(), jax.local_device_count())"
+
+
+def probe_devices() -> tuple[str, int]:
+    """(backend, local device count), asked of a short-lived process so this one never claims an accelerator."""
+    done = subprocess.run([sys.executable, "-c", _PROBE_DEVICES], capture_output=True, text=True, check=False)
+    last = (done.stdout.strip().splitlines() or [""])[-1].split()
+    if done.returncode or len(last) != 2:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ConfigError(f"could not list the devices for --parallel ({tail}): run the comparison without it")
+    return last[0], int(last[1])
+
+
+def one_device_environment(backend: str, index: int, environment: Mapping[str, str]) -> dict[str, str]:
+    """The environment of a worker that sees only device `index` of the ones this process sees."""
+    env = dict(environment, PYTHONUNBUFFERED="1")
+    if backend == "cpu":  # simulated host devices share the same cores: each worker gets one
+        flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
+        env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=1".strip()
+    elif backend == "gpu":  # the index counts within a CUDA_VISIBLE_DEVICES this process was given
+        visible = [device.strip() for device in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if device.strip()]
+        env["CUDA_VISIBLE_DEVICES"] = visible[index] if visible else str(index)
+    else:
+        raise ConfigError(f"--parallel supports CPU and GPU devices, not {backend}: run the comparison without it")
+    return env
+
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # so workers import this very copy of cifar_jax
+
+
+def start_worker(run: Run, env: Mapping[str, str]) -> subprocess.Popen:
+    """`python -m cifar_jax.compare --worker CONFIG_JSON`, output appended to the run's train.log."""
+    run.workdir.mkdir(parents=True, exist_ok=True)
+    (run.workdir / RUN_RECORD_FILE).unlink(missing_ok=True)  # a worker that dies early must not leave an old one
+    config = json.dumps(dataclasses.replace(run.config, progress=False).to_dict())
+    command = [sys.executable, "-m", "cifar_jax.compare", "--worker", config, "--parent-pid", str(os.getpid())]
+    python_path = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
+    with open(run.workdir / RUN_LOG_FILE, "a") as log:
+        return subprocess.Popen(command, env={**env, "PYTHONPATH": python_path}, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _record_worker_exit(run: Run, process: subprocess.Popen, device: int, stopped: bool) -> dict:
+    """The worker's own record plus its device; if it wrote none: interrupted when stopped before training began,
+    else a failure naming its exit code and log."""
+    record = read_run_record(run.workdir)
+    if not record and stopped:
+        record = {"status": INTERRUPTED, "error": None}
+    elif not record:
+        record = {"status": FAILED, "error": f"worker exited with code {process.returncode} without a result: "
+                                             f"see {run.workdir / RUN_LOG_FILE}"}
+    record = {**record, "device": device}
+    write_run_record(run.workdir, record)
+    return record
+
+
+def _start_workers(waiting: list, running: dict, backend: str, num_devices: int) -> None:
+    """Start the next waiting runs on every free device."""
+    for device in range(num_devices):
+        if device not in running and waiting:
+            position, run = waiting.pop(0)
+            print(f"{position} {run.name}: training on device {device}, log in {run.workdir / RUN_LOG_FILE}",
+                  flush=True)
+            environment = one_device_environment(backend, device, os.environ)
+            running[device] = (position, run, start_worker(run, environment))
+
+
+def run_side_by_side(runs: Sequence[tuple[str, Run]], on_run_end, poll_seconds: float = 0.2) -> None:
+    """One worker process per run, each seeing one device, as many at a time as there are devices."""
+    backend, num_devices = probe_devices()
+    waiting, running, forwarded = list(runs), {}, False  # running: device → (position, run, worker process)
+    with stop_requests() as stop:  # Ctrl-C/SIGTERM: workers save and stop, nothing new starts
+        while waiting or running:
+            if stop["signal"] and not forwarded:
+                waiting, forwarded = [], True
+                for _, _, process in running.values():
+                    process.send_signal(signal.SIGTERM)  # the worker saves a checkpoint and exits
+            _start_workers(waiting, running, backend, num_devices)
+            time.sleep(poll_seconds)
+            for device, (position, run, process) in list(running.items()):
+                if process.poll() is not None:
+                    del running[device]
+                    record = _record_worker_exit(run, process, device, stopped=bool(stop["signal"]))
+                    _announce(position, run, record)
+                    on_run_end()
+
+
+def _stop_with_parent(parent_pid: int) -> bool:
+    """Linux: have the kernel send this worker SIGTERM (save and stop) if the comparison process dies, so no orphan
+    goes on training a run the next comparison resumes. False if the parent is already gone."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: a killed comparison may leave its workers running
+        pass
+    return os.getppid() == parent_pid
+
+
+# ---------------------------------------------------------------- results
+
+
+@functools.cache
+def parameter_count(model: str) -> Optional[int]:
+    return count_params(model) if model in MODELS else None
+
+
+def run_row(run: Run, grid_fields: Sequence[str]) -> dict[str, Any]:
+    """One row of the results table, read from the run's files: metrics after its last epoch, best test accuracy."""
+    history = read_history(run.workdir, {})
+    record = read_run_record(run.workdir)
+    status = record.get("status", PENDING)
+    if status == FINISHED and not is_finished(run):  # finished with other settings (fewer epochs): not yet redone
+        status = PENDING
+    last = history[-1] if history else {}
+    best = max(history, key=lambda row: row["test_accuracy"]) if history else {}  # the first of equals
+    seconds = sum(row["epoch_seconds"] for row in history)
+    images = sum(row["images_per_second"] * row["epoch_seconds"] for row in history)
+    return {
+        "run": run.name,
+        "model": run.config.model,
+        **{field: run.settings[field] for field in grid_fields if field != "model"},
+        "params": parameter_count(run.config.model),
+        **{key: last.get(key) for key in ("train_accuracy", "train_loss", "test_accuracy", "test_loss")},
+        "best_test_accuracy": best.get("test_accuracy"),
+        "best_epoch": best.get("epoch"),
+        "train_seconds": seconds if history else None,  # training steps only: no evaluation or checkpoints
+        "images_per_second": images / seconds if seconds else None,
+        "status": status,
+        "error": record.get("error"),
+    }
+
+
+def result_columns(grid_fields: Sequence[str]) -> tuple[str, ...]:
+    return ("run", "model", *(field for field in grid_fields if field != "model"), *METRIC_COLUMNS)
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> Path:
+    """Full-precision values; empty cells where a run has no value yet."""
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as file:
+        writer = csv.DictWriter(file, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({column: "" if row.get(column) is None else row[column] for column in columns} for row in rows)
+    tmp.replace(path)
+    return path
+
+
+def format_cell(column: str, value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if column.endswith("params"):
+        return f"{value:,}"
+    if column.endswith(("accuracy", "loss")):
+        return f"{value:.4f}"
+    if column.endswith("seconds"):
+        return f"{value:,.1f}"
+    if column == "images_per_second":
+        return f"{value:,.0f}"
+    return f"{value:g}" if isinstance(value, float) else str(value).replace("|", "\\|")
+
+
+def write_tables(out_dir: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str], title: str,
+                 notes: Sequence[str] = ()) -> tuple[Path, Path]:
+    """DIR/results.csv and DIR/results.md (the table, DIR/test_curves.png if drawn, then each run's error)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shown = [column for column in columns if column != "error"]
+    header = [COLUMN_TITLES.get(column, column.replace("_", " ")) for column in shown]
+    table = _table(header, [[format_cell(column, row.get(column)) for column in shown] for row in rows])
+    lines = [f"# {title}", "", *notes, *([""] if notes else []), *table, ""]
+    if (out_dir / CURVES_PNG).exists():
+        lines += [f"![test accuracy and loss per epoch of every run]({CURVES_PNG})", ""]
+    errors = [f"- `{row['run']}`: {row['error']}" for row in rows if row.get("error")]
+    lines += ["## Errors", "", *errors, ""] if errors else []
+    markdown = out_dir / RESULTS_MD
+    markdown.write_text("\n".join(lines))
+    return write_csv(out_dir / RESULTS_CSV, rows, columns), markdown
+
+
+def plot_test_curves(histories: Mapping[str, Sequence[dict]], out_path: Path) -> Path:
+    """Test accuracy and test loss per epoch, one line per run, both panels sharing one legend below."""
+    from matplotlib.ticker import MaxNLocator
+
+    from cifar_jax.plots import _new_figure, _save
+
+    drawn = {name: history for name, history in histories.items() if history}
+    figure = _new_figure(11, 4.2 + 0.22 * math.ceil(len(drawn) / 2))
+    panels = figure.subplots(1, 2)
+    for number, (name, history) in enumerate(drawn.items()):
+        style = ("-", "--", ":", "-.")[number // 10 % 4]  # the colour cycle repeats after ten runs
+        for axes, metric in zip(panels, ("test_accuracy", "test_loss")):
+            axes.plot([row["epoch"] for row in history], [row[metric] for row in history], linestyle=style,
+                      marker="o", markersize=3, label=name)
+    for axes, title in zip(panels, ("Test accuracy", "Test loss (cross-entropy)")):
+        axes.set_title(title)
+        axes.set_xlabel("epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        axes.grid(alpha=0.3)
+    if drawn:
+        figure.legend(*panels[0].get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize=8)
+    else:
+        figure.suptitle("no finished epoch yet")
+    return _save(figure, out_path)
+
+
+def comparison_notes(base: TrainConfig, grid: Mapping[str, list], rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    statuses = [row["status"] for row in rows]
+    counts = ", ".join(f"{statuses.count(status)} {status}" for status in dict.fromkeys(statuses))
+    defaults = TrainConfig()
+    shared = [f"`{field}={value}`" for field, value in base.to_dict().items()
+              if field not in grid and field not in (*FIELDS_COMPARE_SETS, "progress")
+              and value != getattr(defaults, field)]
+    return [f"Grid: {' × '.join(grid) or 'none'} ({counts}). "
+            f"Every run: {', '.join(shared) or 'the defaults'}; each in `{RUNS_SUBDIR}/RUN/`.",
+            "", "Metrics after each run's last epoch; train seconds count training steps only; "
+                "images/s over all its epochs."]
+
+
+def write_results(out_dir: Path, runs: Sequence[Run], base: TrainConfig, grid: Mapping[str, list],
+                  plot: bool = False) -> list[dict]:
+    rows = [run_row(run, list(grid)) for run in runs]
+    if plot:
+        plot_test_curves({run.name: read_history(run.workdir, {}) for run in runs}, out_dir / CURVES_PNG)
+    write_tables(out_dir, rows, result_columns(list(grid)), f"Comparison of {len(runs)} run{'s' * (len(runs) != 1)}",
+                 comparison_notes(base, grid, rows))
+    return rows
+
+
+# ---------------------------------------------------------------- the whole comparison
+
+
+def runs_to_train(runs: Sequence[Run]) -> list[tuple[str, Run]]:
+    """(position, run) for every run not finished earlier; the finished ones are announced as skipped."""
+    todo = []
+    for number, run in enumerate(runs, 1):
+        position = f"[{number}/{len(runs)}]"
+        if is_finished(run):
+            print(f"{position} {run.name}: finished earlier, skipped", flush=True)
+        else:
+            todo.append((position, run))
+    return todo
+
+
+def compare(base_config: TrainConfig, grid: Mapping[str, Any], out_dir: Optional[str | Path] = None, *,
+            parallel: bool = False) -> list[dict]:
+    """Train every point of `grid` on top of `base_config` and return the results table, one dict per run.
+
+    `grid` maps config fields to lists of values (text is parsed to the field's type). The runs live in
+    OUT_DIR/runs/NAME (OUT_DIR defaults to base_config.workdir); finished ones are skipped, interrupted ones
+    resumed, failed ones recorded with their error. Writes OUT_DIR/results.csv, results.md and test_curves.png.
+    """
+    folder = out_dir or base_config.workdir
+    if not folder:
+        raise ConfigError("give the comparison folder: --out DIR on the command line, out_dir=DIR from Python")
+    folder = Path(folder).expanduser()
+    grid = typed_grid(grid)
+    runs = plan_runs(base_config, grid, folder)
+    if parallel and base_config.num_devices not in (None, 1):
+        raise ConfigError("--parallel trains each run on one device: drop --num-devices, or drop --parallel")
+    # Checked only without --parallel: asking JAX would make this process claim the devices its workers need.
+    if not parallel and jax.process_count() > 1:
+        raise ConfigError("compare runs in a single process: train multi-host runs one by one with `cifar-jax train`")
+    on_run_end = functools.partial(write_results, folder, runs, base_config, grid)
+    (run_side_by_side if parallel else run_one_by_one)(runs_to_train(runs), on_run_end)
+    return write_results(folder, runs, base_config, grid, plot=True)
+
+
+def worker_main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python -m cifar_jax.compare --worker CONFIG_JSON --parent-pid PID`: one run of a parallel comparison."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=worker_main.__doc__)
+    parser.add_argument("--worker", required=True, help="the run's TrainConfig as JSON")
+    parser.add_argument("--parent-pid", type=int, required=True, help="the comparison process")
+    args = parser.parse_args(argv)
+    if not _stop_with_parent(args.parent_pid):
+        return 1
+    train_run(TrainConfig.from_dict(json.loads(args.worker)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())

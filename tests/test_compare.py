@@ -1,0 +1,239 @@
+"""Comparisons: typed grids, both tables, skipping finished runs, resuming after SIGKILL, failed runs recorded,
+and the tutorial-reproduction script in parallel workers, all on the tiny learnable archive."""
+import csv
+import importlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cifar_jax import TrainConfig
+from cifar_jax.cli import main
+from cifar_jax.compare import (RUN_RECORD_FILE, compare, comparison_from_options, parse_grid_option, plan_runs,
+                               typed_grid)
+from cifar_jax.errors import ConfigError
+
+MODEL0_PARAMS, MODEL1_PARAMS = 91_946, 3_404_042
+TIMEOUT = 240
+ROOT = Path(__file__).resolve().parents[1]
+# The module, for monkeypatching; imported by name so a `compare` function exported by the package cannot shadow it.
+compare_module = importlib.import_module("cifar_jax.compare")
+
+
+def base_config(data_dir, **overrides) -> TrainConfig:
+    values = dict(model="model0", epochs=1, batch_size=32, eval_batch_size=100, progress=False, data_dir=str(data_dir))
+    return TrainConfig(**{**values, **overrides})
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def run_files(workdir: Path) -> dict[str, bytes]:
+    """Every file of a run (checkpoints included) with its bytes: unchanged means not trained again."""
+    return {str(p.relative_to(workdir)): p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()}
+
+
+def metrics(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------- grids and files (no training)
+
+
+def test_grid_values_take_the_config_fields_types():
+    grid = typed_grid(dict([parse_grid_option("learning-rate=1e-3, 0.01"), parse_grid_option("batch_size=32,128"),
+                            parse_grid_option("standardize=true,no"), parse_grid_option("optimizer=sgd,none")]))
+    assert grid == {"learning_rate": [0.001, 0.01], "batch_size": [32, 128], "standardize": [True, False],
+                    "optimizer": ["sgd", None]}
+    assert [type(v) for v in grid["learning_rate"] + grid["batch_size"]] == [float, float, int, int]
+    assert typed_grid({"learning_rate": [1, 2e-3], "seed": 3}) == {"learning_rate": [1.0, 0.002], "seed": [3]}
+
+
+@pytest.mark.parametrize("grid, message", [
+    ({"learnin_rate": ["1"]}, "unknown config field 'learnin_rate' in the comparison: known fields are "),
+    ({"workdir": ["a"]}, "unknown config field 'workdir'"),
+    ({"batch_size": ["32.5"]}, "batch_size='32.5' is not a valid int"),
+    ({"batch_size": [32.0]}, "batch_size=32.0 is not a valid int"),
+    ({"learning_rate": []}, "the grid gives no value for learning_rate"),
+])
+def test_bad_grids_are_one_line_config_errors(grid, message):
+    with pytest.raises(ConfigError) as raised:
+        typed_grid(grid)
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+    if "known fields are" in message:
+        assert "learning_rate" in str(raised.value) and "batch_size" in str(raised.value)
+
+
+def test_a_toml_or_json_file_gives_the_comparison_and_flags_override_it(tmp_path):
+    (tmp_path / "c.toml").write_text('out = "cmp"\n[base]\nepochs = 3\nbatch_size = 64\n'
+                                     '[grid]\nmodel = ["model0", "model1"]\nlearning_rate = [1e-3, 1e-2]\n')
+    (tmp_path / "c.json").write_text(json.dumps({"base": {"epochs": 3, "batch_size": 64},
+                                                 "grid": {"model": ["model0", "model1"], "learning_rate": [1e-3, 1e-2]},
+                                                 "out": "cmp"}))
+    for name in ("c.toml", "c.json"):
+        base, grid, out, parallel = comparison_from_options(str(tmp_path / name), {"epochs": 2}, None,
+                                                            ["learning_rate=3e-4"], None, False)
+        assert (base.epochs, base.batch_size, out, parallel) == (2, 64, "cmp", False)
+        assert grid == {"model": ["model0", "model1"], "learning_rate": [3e-4]}
+    runs = plan_runs(base, grid, tmp_path / "cmp")
+    assert [run.name for run in runs] == ["model=model0,learning_rate=0.0003", "model=model1,learning_rate=0.0003"]
+    assert runs[1].config.workdir == str(tmp_path / "cmp" / "runs" / "model=model1,learning_rate=0.0003")
+    with pytest.raises(ConfigError, match="both by --models and --grid model"):
+        comparison_from_options(None, {}, "model0", ["model=model1"], "cmp", False)
+
+
+# ---------------------------------------------------------------- a real 2x2 grid, killed mid-way and completed
+
+
+def committed_steps(workdir: Path) -> list[int]:
+    folder = workdir / "checkpoints"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+
+
+def grid_arguments(data_dir: Path, out: Path) -> list[str]:
+    # One device: many tiny steps over 4 simulated devices on 2 busy cores can stall XLA's CPU all-reduce.
+    return ["compare", "--models", "model0", "--grid", "learning_rate=1e-3,2e-3", "--grid", "epochs=1,3",
+            "--batch-size", "8", "--eval-batch-size", "101", "--num-devices", "1", "--data-dir", str(data_dir),
+            "--out", str(out), "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def killed_grid(learnable_data_dir, tmp_path_factory):
+    """`cifar-jax compare` on a 2x2 grid in a real process, SIGKILLed once the second run has saved its first epoch;
+    what the runs held then; then the same command again, in this process, to completion."""
+    out = tmp_path_factory.mktemp("compare") / "grid"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "cifar_jax", *grid_arguments(learnable_data_dir, out)], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first, second = (out / "runs" / f"model=model0,learning_rate=0.001,epochs={epochs}" for epochs in (1, 3))
+    deadline = time.monotonic() + TIMEOUT
+    while not committed_steps(second):
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline, "timed out waiting for the second run's first checkpoint"
+        time.sleep(0.005)
+    process.kill()
+    process.wait()
+    process.stdout.close()
+    at_kill = {"first_record": json.loads((first / RUN_RECORD_FILE).read_text()), "first_files": run_files(first),
+               "second_record": (second / RUN_RECORD_FILE).exists(), "second_metrics": metrics(second),
+               "others": sorted(p.name for p in (out / "runs").iterdir())}
+    exit_code = main(grid_arguments(learnable_data_dir, out))
+    return out, at_kill, exit_code
+
+
+def test_sigkill_mid_grid_then_rerunning_completes_it(killed_grid):
+    out, at_kill, exit_code = killed_grid
+    first, second = (out / "runs" / f"model=model0,learning_rate=0.001,epochs={epochs}" for epochs in (1, 3))
+    assert at_kill["first_record"]["status"] == "finished"
+    assert not at_kill["second_record"] and len(at_kill["second_metrics"]) < 3, "the kill came after the run ended"
+    assert at_kill["others"] == [first.name, second.name]  # the last two runs had not started
+    assert exit_code == 0
+    assert run_files(first) == at_kill["first_files"]  # skipped, not trained again
+    assert [row["epoch"] for row in metrics(second)] == [1, 2, 3]
+    assert metrics(second)[: len(at_kill["second_metrics"])] == at_kill["second_metrics"]  # resumed, not restarted
+
+
+def test_a_two_by_two_grid_writes_both_tables_with_a_row_per_run(killed_grid):
+    out, _, _ = killed_grid
+    rows = read_csv(out / "results.csv")
+    assert list(rows[0]) == ["run", "model", "learning_rate", "epochs", "params", "train_accuracy", "train_loss",
+                             "test_accuracy", "test_loss", "best_test_accuracy", "best_epoch", "train_seconds",
+                             "images_per_second", "status", "error"]
+    assert [(row["learning_rate"], row["epochs"]) for row in rows] == [("0.001", "1"), ("0.001", "3"), ("0.002", "1"),
+                                                                      ("0.002", "3")]
+    assert [(row["model"], int(row["params"]), row["status"], row["error"]) for row in rows] == [
+        ("model0", MODEL0_PARAMS, "finished", "")] * 4
+    for row in rows:
+        history = metrics(out / "runs" / row["run"])
+        assert len(history) == int(row["epochs"])
+        assert float(row["train_loss"]) == history[-1]["train_loss"]
+        assert float(row["test_accuracy"]) == history[-1]["test_accuracy"]
+        best = max(history, key=lambda epoch: epoch["test_accuracy"])
+        assert (float(row["best_test_accuracy"]), int(row["best_epoch"])) == (best["test_accuracy"], best["epoch"])
+        assert float(row["train_seconds"]) == pytest.approx(sum(epoch["epoch_seconds"] for epoch in history))
+        assert float(row["images_per_second"]) > 0
+    markdown = (out / "results.md").read_text()
+    table = [line for line in markdown.splitlines() if line.startswith("| model=")]
+    assert len(table) == 4 and all(line.endswith(" | finished |") for line in table)
+    assert table[3].startswith("| model=model0,learning_rate=0.002,epochs=3 | model0 | 0.002 | 3 | 91,946 | ")
+    assert (out / "test_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![test accuracy and loss per epoch of every run](test_curves.png)" in markdown
+
+
+def test_rerunning_skips_every_finished_run(killed_grid, learnable_data_dir, monkeypatch, capsys):
+    out, _, _ = killed_grid
+    runs = sorted((out / "runs").iterdir())
+    before = {run.name: run_files(run) for run in runs}
+    table_before = read_csv(out / "results.csv")
+
+    def must_not_train(config):
+        raise AssertionError(f"trained {config.workdir} again")
+
+    monkeypatch.setattr(compare_module, "train", must_not_train)
+    base = base_config(learnable_data_dir, batch_size=8, eval_batch_size=101, num_devices=1)
+    rows = compare(base, {"model": ["model0"], "learning_rate": [1e-3, 2e-3], "epochs": [1, 3]}, out)
+    assert [row["status"] for row in rows] == ["finished"] * 4
+    assert {run.name: run_files(run) for run in runs} == before
+    assert read_csv(out / "results.csv") == table_before
+    assert capsys.readouterr().out.count("finished earlier, skipped") == 4
+
+
+# ---------------------------------------------------------------- failures
+
+
+def test_a_failing_run_is_recorded_with_its_error_and_the_others_finish(learnable_data_dir, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    code = main(["compare", "--models", "model0", "--grid", "learning_rate=-1,1e-3", "--grid", "batch_size=30,32",
+                 "--epochs", "1", "--eval-batch-size", "100", "--data-dir", str(learnable_data_dir), "--out", str(out),
+                 "--no-progress"])
+    assert code == 1
+    rows = {row["run"]: row for row in read_csv(out / "results.csv")}
+    negative = "learning_rate must be a positive number, got -1.0"
+    assert rows["model=model0,learning_rate=-1.0,batch_size=30"]["error"] == negative
+    assert rows["model=model0,learning_rate=-1.0,batch_size=32"]["error"] == negative
+    assert rows["model=model0,learning_rate=0.001,batch_size=30"]["error"] == (
+        "batch_size 30 does not split evenly over 4 devices: use a multiple of 4")
+    good = rows.pop("model=model0,learning_rate=0.001,batch_size=32")
+    assert good["status"] == "finished" and good["error"] == "" and 0 <= float(good["test_accuracy"]) <= 1
+    assert all(row["status"] == "failed" and row["train_loss"] == "" for row in rows.values())
+    markdown = (out / "results.md").read_text()
+    assert f"- `model=model0,learning_rate=-1.0,batch_size=32`: {negative}" in markdown
+    assert "4 runs: 3 failed, 1 finished" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- scripts/reproduce_tutorial.py
+
+
+def test_reproduce_tutorial_script_in_parallel_workers_puts_the_tutorials_numbers_beside_ours(learnable_data_dir,
+                                                                                             tmp_path):
+    spec = importlib.util.spec_from_file_location("reproduce_tutorial", ROOT / "scripts" / "reproduce_tutorial.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "tutorial"
+    # --parallel: each model in its own worker process that sees one of the 4 simulated devices.
+    assert script.main(["--data-dir", str(learnable_data_dir), "--out", str(out), "--epochs", "1", "--parallel"]) == 0
+    rows = read_csv(out / "results.csv")
+    assert [row["model"] for row in rows] == ["model0", "model1", "model2"]
+    assert [int(row["params"]) for row in rows] == [int(row["tutorial_params"]) for row in rows] == [
+        MODEL0_PARAMS, MODEL1_PARAMS, MODEL1_PARAMS]
+    assert [(row["tutorial_train_accuracy"], row["tutorial_train_loss"]) for row in rows] == [
+        ("0.7955", "0.573"), ("0.7925", "0.5719"), ("0.5813", "1.1919")]
+    assert all(row["status"] == "finished" and 0 <= float(row["train_accuracy"]) <= 1 for row in rows)
+    workdirs = [out / "runs" / row["run"] for row in rows]
+    saved = [json.loads((workdir / "config.json").read_text()) for workdir in workdirs]
+    assert [(c["optimizer"], c["learning_rate"], c["epochs"]) for c in saved] == [
+        ("adam", 1e-3, 1), ("adam", 1e-3, 1), ("sgd", 1e-2, 1)]
+    assert sorted(json.loads((w / RUN_RECORD_FILE).read_text())["device"] for w in workdirs) == [0, 1, 2]
+    for row, workdir in zip(rows, workdirs):  # each worker's own output: its epoch line
+        test_metrics = f"test loss {float(row['test_loss']):.4f} acc {float(row['test_accuracy']):.4f}"
+        assert test_metrics in (workdir / "train.log").read_text()
+    markdown = (out / "results.md").read_text()
+    assert "| model=model2 | model2 | 3,404,042 | 3,404,042 |" in markdown and "| 0.5813 |" in markdown
+    assert "1 epochs, not the tutorial's 10" in markdown
