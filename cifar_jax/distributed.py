@@ -39,15 +39,26 @@ class PeerLostError(DistributedError):
     """Another process of a multi-process run stopped, so this one cannot go on."""
 
 
+def _setting(default, kind: type, help_text: str):
+    return dataclasses.field(default=default, metadata={"type": kind, "help": help_text})
+
+
 @dataclasses.dataclass(frozen=True)
 class DistributedSettings:
-    """How this process joins a multi-process run; all three of the first fields unset = auto-detect or single."""
+    """How this process joins a multi-process run; the first three all unset = cluster auto-detection or single.
 
-    coordinator_address: Optional[str] = None  # HOST:PORT where process 0 serves the coordinator, the same for all
-    num_processes: Optional[int] = None  # processes in the run, one per host (1 = plain single process)
-    process_id: Optional[int] = None  # this process's number, 0 ... num_processes - 1; 0 runs the coordinator
-    heartbeat_timeout: int = DEFAULT_HEARTBEAT_TIMEOUT_SECONDS  # seconds before a silent peer counts as dead
-    initialization_timeout: int = DEFAULT_INITIALIZATION_TIMEOUT_SECONDS  # seconds to wait for all to connect
+    Every field is a `train` flag (--coordinator-address ...) and a CIFAR_JAX_<FIELD> environment variable.
+    """
+
+    coordinator_address: Optional[str] = _setting(None, str, "HOST:PORT of process 0's coordinator, the same on "
+                                                             "every process")
+    num_processes: Optional[int] = _setting(None, int, "processes in the run, one per host (1: single process)")
+    process_id: Optional[int] = _setting(None, int, "this process's number, 0 ... num_processes-1 (0 runs the "
+                                                    "coordinator)")
+    heartbeat_timeout: int = _setting(DEFAULT_HEARTBEAT_TIMEOUT_SECONDS, int,
+                                      "seconds of silence after which JAX counts a peer as dead")
+    initialization_timeout: int = _setting(DEFAULT_INITIALIZATION_TIMEOUT_SECONDS, int,
+                                           "seconds to wait for every process to connect")
 
     @property
     def is_explicit(self) -> bool:
@@ -71,40 +82,31 @@ class DistributedSettings:
 
 # ---------------------------------------------------------------- flags and environment
 
-_FLAGS = {  # field → (type, help); each is also read from CIFAR_JAX_<FIELD> when the flag is not given
-    "coordinator_address": (str, "HOST:PORT of process 0's coordinator, the same on every process"),
-    "num_processes": (int, "number of processes in a multi-host run, one per host (1: single process)"),
-    "process_id": (int, "this process's number, 0 ... num_processes-1 (0 runs the coordinator)"),
-    "heartbeat_timeout": (int, "seconds of silence after which a peer counts as dead "
-                               f"(default: {DEFAULT_HEARTBEAT_TIMEOUT_SECONDS})"),
-    "initialization_timeout": (int, "seconds to wait for every process to connect "
-                                    f"(default: {DEFAULT_INITIALIZATION_TIMEOUT_SECONDS})"),
-}
-
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
-    """--coordinator-address, --num-processes, --process-id and the two timeouts (unset flags stay None)."""
+    """One --flag per setting (unset flags stay None, so the environment and the defaults can fill them in)."""
     group = parser.add_argument_group(
-        "multi-host", "process settings, not part of the run: flags or CIFAR_JAX_<NAME> environment variables; "
-        "unset, JAX's cluster auto-detection (SLURM, Open MPI, TPU pods) applies, else a single process runs")
-    for name, (kind, help_text) in _FLAGS.items():
-        group.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None,
-                           metavar=name.upper(), help=f"{help_text}; env {ENV_PREFIX}{name.upper()}")
+        "multi-host", "process settings, not part of the run; each also read from CIFAR_JAX_<NAME>. Unset, JAX's "
+        "cluster auto-detection applies (SLURM, Open MPI, TPU pods), else this is a single-process run")
+    for field in dataclasses.fields(DistributedSettings):
+        default = "" if field.default is None else f" (default: {field.default})"
+        group.add_argument("--" + field.name.replace("_", "-"), dest=field.name, type=field.metadata["type"],
+                           default=None, metavar=field.name.upper(), help=field.metadata["help"] + default)
 
 
 def settings_from(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> DistributedSettings:
     """Flags first, then CIFAR_JAX_* environment variables, then the defaults."""
     values = {}
-    for name, (kind, _) in _FLAGS.items():
-        value = getattr(args, name, None)
-        if value is None and environ.get(ENV_PREFIX + name.upper(), "") != "":
-            text = environ[ENV_PREFIX + name.upper()]
+    for field in dataclasses.fields(DistributedSettings):
+        value, variable = getattr(args, field.name, None), ENV_PREFIX + field.name.upper()
+        if value is None and environ.get(variable, "") != "":
             try:
-                value = kind(text)
+                value = field.metadata["type"](environ[variable])
             except ValueError:
-                raise ConfigError(f"{ENV_PREFIX}{name.upper()}={text!r} is not a valid {kind.__name__}") from None
+                raise ConfigError(f"{variable}={environ[variable]!r} is not a valid "
+                                  f"{field.metadata['type'].__name__}") from None
         if value is not None:
-            values[name] = value
+            values[field.name] = value
     settings = DistributedSettings(**values)
     settings.validate()
     return settings

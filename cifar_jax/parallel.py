@@ -75,5 +75,9 @@ class DeviceSet:
 
 
 def unreplicate(tree: Any) -> Any:
-    """The first device's copy of a replicated pytree, fetched to host numpy arrays."""
-    return jax.device_get(jax.tree.map(lambda x: x[0], tree))
+    """The first local device's copy of a replicated pytree, fetched to host numpy arrays.
+
+    A plain copy from one device: indexing (`x[0]`) would launch a program over every local device, which in a
+    multi-process run can interleave with the collectives still in flight and deadlock.
+    """
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)).reshape(x.shape[1:]), tree)

@@ -76,7 +76,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, lear
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, learnable_data, monkeypatch):
     config = quick_config(tmp_path, epochs=1)
     good = train(config)
-    monkeypatch.setattr(train_module, "create_optimizer", lambda config: optax.adam(1e30))  # same state layout, explodes
+    monkeypatch.setattr(train_module, "create_optimizer", lambda config, steps_per_epoch: optax.adam(1e30))  # same state layout, explodes
     with pytest.raises(TrainingDivergedError, match=r"NaN/Inf in epoch 2 at step \d+"):
         train(quick_config(tmp_path, epochs=2))
     restored = checkpoint.restore_for_inference(good.workdir, "latest", abstract_params)
