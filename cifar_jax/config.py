@@ -30,19 +30,19 @@ PRESETS: dict[str, dict[str, Any]] = {
 _TUTORIAL_RECIPE: dict[str, Any] = {"epochs": 10, "batch_size": 32, "lr_schedule": "constant", "label_smoothing": 0.0,
                                     "grad_clip_norm": 0.0, "augment": False, "cutout": 0, "tta_flip": False}
 
+# What the comparison runs on real CIFAR-10 chose for both networks (docs/recipes.md has the table and commands):
+# crop+flip augmentation, Adam at 3e-3 with a 1-epoch warm-up and cosine decay, 30 epochs of batch 128, and test
+# metrics with the mirror view averaged in: model0 ends at 0.767 test accuracy (0.787 with the flip view), model1 at
+# 0.733 (0.756).
+_TUNED_RECIPE: dict[str, Any] = {"epochs": 30, "batch_size": 128, "optimizer": "adam", "learning_rate": 3e-3,
+                                 "lr_schedule": "cosine", "warmup_epochs": 1.0, "augment": True, "tta_flip": True}
+
 # Training recipes: per model, the values of the fields a run leaves unset (explicit flags always win).
-# "tuned" was chosen from comparison runs on real CIFAR-10: docs/recipes.md has the table and the commands.
+# model2 is model1's network (it differed only in the tutorial's optimizer), so its tuned recipe is model1's.
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "tutorial": {model: {**_TUTORIAL_RECIPE, **preset} for model, preset in PRESETS.items()},
-    "tuned": {
-        "model0": {**_TUTORIAL_RECIPE, "epochs": 30, "batch_size": 128, "optimizer": "adamw", "learning_rate": 3e-3,
-                   "lr_schedule": "cosine", "warmup_epochs": 1.0, "weight_decay": 5e-4, "augment": True},
-        "model1": {**_TUTORIAL_RECIPE, "epochs": 30, "batch_size": 128, "optimizer": "adamw", "learning_rate": 1e-3,
-                   "lr_schedule": "cosine", "warmup_epochs": 1.0, "weight_decay": 5e-4, "augment": True},
-    },
+    "tuned": {model: {**_TUTORIAL_RECIPE, **_TUNED_RECIPE} for model in PRESETS},
 }
-# model2 is model1's network (it differed only in the tutorial's optimizer), so it shares model1's tuned recipe.
-RECIPES["tuned"]["model2"] = RECIPES["tuned"]["model1"]
 # Unset after the recipe: warm-up as a fraction of the epochs (one-cycle's rising phase: optax's 30%), and
 # weight decay as optax's own default for adamw (1e-4), none otherwise.
 DEFAULT_WARMUP_FRACTION = {"constant": 0.0, "cosine": 0.0, "onecycle": 0.3}
