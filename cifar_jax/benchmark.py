@@ -1,6 +1,6 @@
 """How fast is it, measured: compile time, steady-state training and inference throughput, FLOPs, memory.
 
-Everything is timed on the real code paths: the training loop's own pmapped step (built by
+Everything is timed on the real code paths: the training loop's own data-parallel step (built by
 `train.build_train_step`), the `Evaluator` the loop evaluates with, and `Predictor.predict` on arrays.
 Throughput is the median of several timed windows after a warm-up; the device is synchronised at each window's
 end, so asynchronous dispatch cannot flatter the figure.

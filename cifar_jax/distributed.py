@@ -1,4 +1,4 @@
-"""Multi-host runs on JAX's multi-controller runtime: one process per host, one pmap over every device of all.
+"""Multi-host runs on JAX's multi-controller runtime: one process per host, one SPMD program over every device of all.
 
 The process settings (where the coordinator listens, how many processes, which one this is) come from flags or
 CIFAR_JAX_* environment variables and are not part of a run's TrainConfig: the same run may be resumed on any

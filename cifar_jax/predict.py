@@ -1,7 +1,7 @@
 """Prediction: images from anywhere (arrays, files, folders, PIL images) → 32×32 uint8 → class probabilities.
 
 Every input is first turned into a 32×32×3 uint8 image on the host (PIL converts the mode and resizes with
-antialiasing), so one jitted, pmapped step with a fixed batch shape serves them all: a new number or size of
+antialiasing), so one jitted data-parallel step with a fixed batch shape serves them all: a new number or size of
 images never recompiles. Folders are streamed in chunks, so a folder of any size fits in memory, and a bad file
 is reported next to the good ones instead of stopping the job.
 
@@ -12,6 +12,7 @@ is reported next to the good ones instead of stopping the job.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import os
@@ -335,13 +336,14 @@ class Predictor:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         # A whole number per device; the batch size only changes speed, never results, so round up quietly.
-        self.batch_size = math.ceil(batch_size / self.devices.num_local) * self.devices.num_local
+        self.batch_size = math.ceil(batch_size / self.devices.global_count) * self.devices.global_count
         self.class_names = tuple(class_names)
         self.metadata = metadata or {}
         self.step = step
         self.trace_count = 0  # how often JAX traced (= compiled) the step; stays 1 whatever N the calls use
         self._params = self.devices.replicate(params)
-        self._step = self.devices.pmap(self._counting_traces(make_probabilities_step(graphdef, standardize)))
+        self._step = self.devices.data_parallel(self._counting_traces(make_probabilities_step(graphdef, standardize)),
+                                                split_argnums=(1,), split_output=True)
 
     @classmethod
     def from_checkpoint(cls, workdir_or_checkpoint: Union[str, os.PathLike], step: Union[str, int] = "best",
@@ -358,6 +360,7 @@ class Predictor:
                    step=restored.step)
 
     def _counting_traces(self, step: Callable) -> Callable:
+        @functools.wraps(step)
         def traced_step(*args):
             self.trace_count += 1  # Python runs here only while JAX traces, never inside the compiled step
             return step(*args)
@@ -377,7 +380,7 @@ class Predictor:
         return launched
 
     def _gather(self, launched: list[tuple[jax.Array, int]]) -> np.ndarray:
-        rows = [np.asarray(out).reshape(-1, len(self.class_names))[:count] for out, count in launched]
+        rows = [self.devices.gather(out)[:count] for out, count in launched]
         return np.concatenate(rows) if rows else np.empty((0, len(self.class_names)), np.float32)
 
     def probabilities(self, images_nhwc_uint8: np.ndarray) -> np.ndarray:

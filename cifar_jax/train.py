@@ -1,7 +1,8 @@
-"""Training: state, loss, the jitted+pmapped steps, and the loop that strings data → step → eval → checkpoint.
+"""Training: state, loss, the jitted data-parallel steps, and the loop that strings data → step → eval → checkpoint.
 
-The steps are pure: they take the whole (device-resident, uint8) dataset and this step's indices as arguments,
-so the host only chooses indices and nothing but those crosses to the device per step.
+The steps are pure per-device functions: they take the whole (device-resident, uint8) dataset and this device's
+share of the step's indices as arguments, so the host only chooses indices and nothing but those crosses to the
+device per step. `parallel.DeviceSet.data_parallel` runs them on every device at once.
 """
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ def empty_running_metrics() -> dict:
     }
 
 
-# ---------------------------------------------------------------- per-device steps (pmapped)
+# ---------------------------------------------------------------- per-device steps
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, standardize: bool,
@@ -132,14 +133,14 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
 def build_train_step(config: TrainConfig, graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
                      devices: parallel.DeviceSet) -> Callable:
-    """The training loop's step as configured, pmapped over the run's devices (also what `benchmark` times).
+    """The training loop's step as configured, run data-parallel over the run's devices (also what `benchmark` times).
 
     State and running metrics are donated: each step updates them in place instead of copying.
     """
     augmentation = augmentation_for(config.augment, config.crop_padding, config.pad_mode, config.cutout)
     step = make_train_step(graphdef, optimizer, config.standardize, augmentation, config.seed,
                            config.label_smoothing, config.dtype)
-    return devices.pmap(step, donate_argnums=(0, 1))
+    return devices.data_parallel(step, split_argnums=(4,), donate_argnums=(0, 1))
 
 
 def make_predict_step(graphdef: nnx.GraphDef, standardize: bool, tta_flip: bool = False) -> Callable:
@@ -179,7 +180,8 @@ class Evaluator:
 
     def __init__(self, graphdef: nnx.GraphDef, standardize: bool, global_batch: int, devices: parallel.DeviceSet,
                  tta_flip: bool = False):
-        self._predict = devices.pmap(make_predict_step(graphdef, standardize, tta_flip))
+        self._predict = devices.data_parallel(make_predict_step(graphdef, standardize, tta_flip), split_argnums=(2,),
+                                              split_output=True)
         self.global_batch = global_batch
         self.devices = devices
 
@@ -189,7 +191,7 @@ class Evaluator:
             logits = self._predict(params_replicated, images_replicated, self.devices.split(indices))
             outputs.append((logits, mask))
         # Reading back only after every batch is queued keeps the device busy.
-        return np.concatenate([self.devices.gather(l).reshape(-1, l.shape[-1])[m] for l, m in outputs])
+        return np.concatenate([self.devices.gather(logits)[mask] for logits, mask in outputs])
 
 
 def loss_and_accuracy(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
