@@ -44,7 +44,11 @@ def _train(args: argparse.Namespace) -> int:
     from cifar_jax.parallel import is_main_process
     from cifar_jax.train import train
 
-    distributed.initialize(distributed.settings_from(args))  # before anything touches a device
+    settings = distributed.settings_from(args)
+    if distributed.needs_supervisor(settings):
+        return distributed.run_supervised(args.argv, settings)
+    distributed.exit_with_supervisor()
+    distributed.initialize(settings)  # before anything touches a device
     overrides = config_overrides(args, TrainConfig)
     saved = Path(overrides["workdir"]).expanduser() / "config.json" if "workdir" in overrides else None
     # Resuming with just --workdir takes the run's own settings; flags given on top must agree with them.
@@ -234,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what a multi-process run's supervisor hands on to its worker
     try:
         return args.handler(args)
     except CifarJaxError as error:

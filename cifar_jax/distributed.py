@@ -8,17 +8,25 @@ When a peer dies, the others stop in one of two ways, both bounded in time and w
 - a collective or barrier fails at once (JaxRuntimeError): training turns that into `PeerLostError`, one line,
   and the CLI exits at once, since an orderly shutdown would wait at JAX's shutdown barrier for the dead peer;
 - a collective just waits for the dead peer: JAX's coordination service misses its heartbeats for
-  `heartbeat_timeout` seconds (or loses process 0, which runs it) and ends every other process itself, with
-  "Terminating process because the JAX distributed service detected fatal errors ... another task died".
+  `heartbeat_timeout` seconds (or loses process 0, which runs it) and aborts every other process itself, with a
+  C++ stack trace that Python cannot catch. So `cifar-jax train` runs each process of an explicit multi-process
+  run as a worker under a small supervisor (`run_supervised`), which keeps JAX's runtime log out of the terminal
+  and reports such an end in one line.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import os
+import re
+import signal
+import subprocess
 import sys
-from typing import Iterator, Mapping, Optional
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Iterable, Iterator, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -29,6 +37,14 @@ ENV_PREFIX = "CIFAR_JAX_"
 DEFAULT_HEARTBEAT_TIMEOUT_SECONDS = 100  # JAX's own default: a silent peer is declared dead after this
 DEFAULT_INITIALIZATION_TIMEOUT_SECONDS = 300  # JAX's own default: how long to wait for every process to connect
 STOP_CHECK_STEPS = 20  # how often the processes of a run agree on a stop request; each check waits for all
+SUPERVISOR_ENV = "CIFAR_JAX_SUPERVISOR_PID"  # set in a worker: the pid of the supervisor it must not outlive
+# Lines of JAX's C++ runtime log (absl format: "E1124 16:52:08.214430   28252 file.cc:116] ...") and of the stack
+# trace a fatal one ends with.
+_RUNTIME_LOG_LINE = re.compile(rb"[IWEF]\d{4} \d\d:\d\d:\d\d|\*\*\* Check failure|\s+@\s+0x")
+_MAYBE_RUNTIME_LOG_LINE = re.compile(rb"[IWEF]\d{0,4}(?: |$)|\*|\s+@|\s*$")  # an unfinished line that may be one
+# What the worker's Python side writes to stderr: progress bars, our one-line errors, warnings. A line that is
+# neither this nor a new runtime log line, right after one, continues that (multi-line) runtime message.
+_PYTHON_OUTPUT_LINE = re.compile(rb"\r|cifar-jax: |Traceback |\S+:\d+: \w*Warning: ")
 
 
 class DistributedError(CifarJaxError):
@@ -207,3 +223,82 @@ def exit_after_peer_loss(status: int) -> None:
 def first_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+# ---------------------------------------------------------------- the supervisor of a multi-process run's worker
+
+
+def needs_supervisor(settings: DistributedSettings) -> bool:
+    """An explicit run of several processes, and this process is not already the worker of one."""
+    return settings.is_explicit and settings.num_processes != 1 and SUPERVISOR_ENV not in os.environ
+
+
+def run_supervised(argv: Sequence[str], settings: DistributedSettings) -> int:
+    """Run `cifar-jax ARGV` as this process's worker; return its exit status, or raise one line if it was aborted.
+
+    The worker's stdout and its own stderr pass straight through; JAX's runtime log lines go to a file, named in
+    the error. SIGINT and SIGTERM are passed on, so the worker saves a checkpoint and stops as usual.
+    """
+    log_path = Path(tempfile.gettempdir()) / f"cifar-jax-process-{settings.process_id}-{os.getpid()}.log"
+    worker = subprocess.Popen([sys.executable, "-m", "cifar_jax", *argv], stderr=subprocess.PIPE,
+                              env={**os.environ, SUPERVISOR_ENV: str(os.getpid())})
+    pass_on = lambda signum, _frame: worker.send_signal(signum)  # noqa: E731 (a repeated signal is harmless)
+    previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with open(log_path, "wb") as runtime_log:
+            chunks = iter(lambda: os.read(worker.stderr.fileno(), 65536), b"")  # as they come, not line by line
+            logged_lines = _split_runtime_log(chunks, sys.stderr.buffer, runtime_log)
+        status = worker.wait()
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    if not logged_lines:
+        log_path.unlink()
+    if status >= 0:
+        return status
+    runtime_log_text = log_path.read_text(errors="replace") if logged_lines else ""
+    if "another task died" in runtime_log_text or "distributed service detected fatal errors" in runtime_log_text:
+        cause = "JAX's coordination service found another process of the run gone (stopped, killed or unreachable)"
+    else:
+        cause = f"its worker was ended by {signal.Signals(-status).name}"
+    raise PeerLostError(
+        f"process {settings.process_id} of {settings.num_processes} stopped: {cause}; the checkpoints already "
+        "saved are intact: run the same command on every process to resume"
+        + (f" (JAX's log: {log_path})" if logged_lines else ""))
+
+
+def _split_runtime_log(chunks: Iterable[bytes], terminal: BinaryIO, runtime_log: BinaryIO) -> int:
+    """Copy the worker's stderr to the terminal as it comes (progress bars included), except JAX's runtime log
+    lines, which go to `runtime_log`; returns how many went there."""
+    logged, pending, in_runtime_message = 0, b"", False
+    for chunk in chunks:
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            in_runtime_message = bool(_RUNTIME_LOG_LINE.match(line)
+                                      or in_runtime_message and not _PYTHON_OUTPUT_LINE.match(line))
+            if in_runtime_message:
+                runtime_log.write(line + b"\n")
+                logged += 1
+            else:
+                terminal.write(line + b"\n")
+        if not _MAYBE_RUNTIME_LOG_LINE.match(pending):  # e.g. a progress bar redrawn in place: show it now
+            terminal.write(pending)
+            pending = b""
+        terminal.flush()
+        runtime_log.flush()
+    terminal.write(pending)
+    terminal.flush()
+    return logged
+
+
+def exit_with_supervisor() -> None:
+    """In a worker: die with the supervisor, so killing a run's process (what a scheduler does) kills its worker."""
+    supervisor = os.environ.get(SUPERVISOR_ENV)
+    if not supervisor:
+        return
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (AttributeError, OSError):  # no prctl: elsewhere the worker outlives a killed supervisor
+        return
+    if os.getppid() != int(supervisor):  # the supervisor died before prctl took effect
+        os._exit(1)

@@ -2,6 +2,7 @@
 runtime), each with two simulated CPU devices, against one in-process run on this process's four devices."""
 import argparse
 import dataclasses
+import io
 import os
 import signal
 import socket
@@ -120,9 +121,13 @@ def test_a_killed_process_stops_the_other_and_the_run_resumes_on_one_process(lea
 
     assert processes[0].returncode != 0
     assert waited < HEARTBEAT_TIMEOUT + 30
-    # Either a collective failed first (our one line) or JAX's heartbeat found the peer gone (JAX's message).
-    assert ("lost contact with the others" in survivor_errors
-            or "another task died" in survivor_errors), survivor_errors[-2000:]
+    # Either a collective failed first, or JAX's heartbeat found the peer gone and aborted the worker: one line
+    # either way, without JAX's C++ stack trace (that goes to the runtime log the line names).
+    last_line = survivor_errors.strip().splitlines()[-1]
+    assert last_line.startswith("cifar-jax: error: process 0 of 2"), survivor_errors[-2000:]
+    assert ("lost contact with the others" in last_line
+            or "coordination service found another process of the run gone" in last_line), last_line
+    assert "Check failure stack trace" not in survivor_errors and "Traceback" not in survivor_errors
 
     # The last checkpoint is intact and exact; one process with four devices picks the run up from it.
     assert committed_steps(workdir) == [STEPS_PER_EPOCH]  # the kill came before the second could be committed
@@ -178,3 +183,20 @@ def test_without_a_cluster_the_process_stays_single():
     assert distributed.agreed_stop(None, global_step=20) is None
     per_device = np.arange(8.0).reshape(4, 2)
     np.testing.assert_array_equal(DeviceSet.select(4).gather(per_device), per_device)
+
+
+def test_the_supervisor_keeps_jax_runtime_log_lines_out_of_the_terminal():
+    worker_output = [b"\rtraining:  50%|#####     | 8/16", b"\rtraining: 100%|##########| 16/16\n",
+                     b"/work/cifar_jax/train.py:307: UserWarning: data hash differs\n", b"  dataset = load()\n",
+                     b"E1124 16:52:08.214430   28252 rendezvous.cc:116] waiting for the all-reduce\n",
+                     b"1\nThe tasks have crashed.\n\nRPC: /xla.coordination.CoordinationService/PollForError\n",
+                     b"F1124 16:52:48.2148", b"35   28252 rendezvous.cc:161] Terminating process\n",
+                     b"*** Check failure stack trace: ***\n", b"    @     0x7f721da40634  absl::LogMessage\n",
+                     b"cifar-jax: error: the last line"]
+    terminal, runtime_log = io.BytesIO(), io.BytesIO()
+    logged = distributed._split_runtime_log(worker_output, terminal, runtime_log)  # chunks as the pipe gives them
+    assert terminal.getvalue() == (b"\rtraining:  50%|#####     | 8/16\rtraining: 100%|##########| 16/16\n"
+                                   b"/work/cifar_jax/train.py:307: UserWarning: data hash differs\n  dataset = load()\n"
+                                   b"cifar-jax: error: the last line")
+    assert logged == 8 and runtime_log.getvalue().count(b"\n") == 8  # the message's continuation lines too
+    assert b"Terminating process" in runtime_log.getvalue() and b"0x7f721da40634" in runtime_log.getvalue()
