@@ -30,7 +30,7 @@ from cifar_jax import checkpoint
 from cifar_jax.data import CIFAR10_MEAN, CIFAR10_STD, normalize_images
 from cifar_jax.errors import CheckpointError, InputError
 from cifar_jax.models import IMAGE_SHAPE
-from cifar_jax.parallel import DeviceSet
+from cifar_jax.parallel import DeviceSet, wait_if_queue_full
 from cifar_jax.train import abstract_params, apply_model, init_params
 
 MODEL_SIZE = (IMAGE_SHAPE[1], IMAGE_SHAPE[0])  # (width, height), PIL's order
@@ -377,6 +377,7 @@ class Predictor:
             padded = np.zeros((self.batch_size,) + IMAGE_SHAPE, np.uint8)
             padded[:len(batch)] = batch
             launched.append((self._step(self._params, self.devices.split(padded)), len(batch)))
+            wait_if_queue_full(launched)
         return launched
 
     def _gather(self, launched: list[tuple[jax.Array, int]]) -> np.ndarray:

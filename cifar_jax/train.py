@@ -190,6 +190,7 @@ class Evaluator:
         for indices, mask in padded_eval_batches(num_examples, self.global_batch):
             logits = self._predict(params_replicated, images_replicated, self.devices.split(indices))
             outputs.append((logits, mask))
+            parallel.wait_if_queue_full(outputs)
         # Reading back only after every batch is queued keeps the device busy.
         return np.concatenate([self.devices.gather(logits)[mask] for logits, mask in outputs])
 
@@ -300,6 +301,7 @@ def restore_or_init(config: TrainConfig, manager, optimizer) -> tuple[nnx.GraphD
 
 def train(config: TrainConfig) -> TrainResult:
     """Train (or resume) a run as configured; returns the per-epoch history, the workdir and the final params."""
+    run_started = time.perf_counter()
     config = config.with_workdir().resolved()
     devices = parallel.DeviceSet.select(config.num_devices)
     config.check_devices(devices.global_count)
@@ -313,14 +315,15 @@ def train(config: TrainConfig) -> TrainResult:
             write_json_atomically(workdir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
             write_history(workdir, position.history)
         with stop_requests() as stop:
-            result = _run_epochs(config, workdir, dataset, devices, manager, graphdef, optimizer, state, running, position, stop)
+            result = _run_epochs(config, workdir, dataset, devices, manager, graphdef, optimizer, state, running,
+                                 position, stop, run_started)
         if parallel.is_main_process() and result.history:
             draw_training_curves(workdir, result.history)
         return result
 
 
 def _run_epochs(config, workdir, dataset: Cifar10, devices: parallel.DeviceSet, manager, graphdef, optimizer,
-                state, running, position, stop):
+                state, running, position, stop, run_started: Optional[float]):
     train_step = build_train_step(config, graphdef, optimizer, devices)
     evaluator = Evaluator(graphdef, config.standardize, config.eval_batch_size, devices, config.tta_flip)
     train_images, train_labels = devices.replicate((dataset.train_images, dataset.train_labels))
@@ -345,6 +348,14 @@ def _run_epochs(config, workdir, dataset: Cifar10, devices: parallel.DeviceSet, 
         for step_in_epoch in range(first_step, steps_per_epoch):
             batch = order[step_in_epoch * config.batch_size:(step_in_epoch + 1) * config.batch_size]
             state, running = train_step(state, running, train_images, train_labels, devices.split(batch))
+            if (step_in_epoch + 1) % parallel.MAX_QUEUED_PROGRAMS == 0:
+                jax.block_until_ready(state)  # the state is donated each step: wait for the newest
+            if run_started is not None:  # the start-up figure: data load, restore and compile, then one step
+                jax.block_until_ready(state)
+                if parallel.is_main_process():
+                    tqdm.write(f"first step done {time.perf_counter() - run_started:.1f} s after the run started "
+                               "(data loaded, step compiled)")
+                run_started = None
             bar.update(1)
             stop_signal = distributed.agreed_stop(stop["signal"], epoch * steps_per_epoch + step_in_epoch + 1)
             if stop_signal:

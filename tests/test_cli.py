@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -33,6 +34,10 @@ def test_train_on_a_tiny_archive_writes_sane_metrics_and_curves(learnable_data_d
     assert json.loads((workdir / "config.json").read_text())["learning_rate"] == 1e-3
     assert (workdir / "plots" / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"run finished: {workdir}" in done.stdout
+    startup = re.search(r"first step done ([0-9.]+) s after the run started", done.stdout)
+    assert startup and 0 < float(startup.group(1)) < 120, done.stdout
+    assert done.stdout.index("first step done") < done.stdout.index("epoch 1:")  # reported once, at the first step
+    assert done.stdout.count("first step done") == 1
 
 
 @pytest.mark.parametrize("args, message", [

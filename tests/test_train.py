@@ -8,7 +8,7 @@ import pytest
 
 from cifar_jax import TrainConfig, train
 from cifar_jax.errors import ConfigError, TrainingDivergedError
-from cifar_jax.parallel import DeviceSet
+from cifar_jax.parallel import MAX_QUEUED_PROGRAMS, DeviceSet, wait_if_queue_full
 from cifar_jax.train import Evaluator, epoch_order, init_params, apply_model, padded_eval_batches
 from learnable import class_coloured_dataset
 
@@ -76,6 +76,26 @@ def test_evaluation_covers_every_test_image_exactly_once(num_devices, eval_batch
     expected = apply_model(graphdef, params, dataset.test_images.astype(np.float32) / 255)
     assert logits.shape == (37, 10)
     np.testing.assert_allclose(logits, expected, atol=1e-5)
+
+
+def test_no_more_than_the_limit_of_programs_is_queued_ahead():
+    """Hundreds of queued programs deadlocked XLA:CPU's in-process all-reduce; the loops wait as they queue."""
+    waited = []
+
+    class QueuedOutput:
+        def __init__(self, number):
+            self.number = number
+
+        def block_until_ready(self):
+            waited.append(self.number)
+            return self
+
+    launched = []
+    for number in range(MAX_QUEUED_PROGRAMS + 5):
+        launched.append((QueuedOutput(number), "mask"))
+        wait_if_queue_full(launched)
+        assert number - (waited[-1] if waited else -1) <= MAX_QUEUED_PROGRAMS
+    assert waited == list(range(5))
 
 
 def test_padded_eval_batches_mask_only_the_padding():
