@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 from pathlib import Path
@@ -237,10 +238,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def compilation_cache_dir(environ: typing.Mapping[str, str] = os.environ) -> Optional[Path]:
+    """Where the commands keep XLA's compiled programs between runs; None when the user set JAX's own variable."""
+    if "JAX_COMPILATION_CACHE_DIR" in environ:
+        return None
+    cache_home = Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache_home / "cifar-jax" / "xla-compilation-cache"
+
+
+def enable_compilation_cache() -> None:
+    """A later start skips compiling what an earlier one compiled: model0's first training step came 2.5-2.7 s after
+    the run started instead of 6.5 s (real CIFAR-10, this 2-core CPU), most of it the eager parameter init."""
+    cache_dir = compilation_cache_dir()
+    if cache_dir is None:
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir))
+    # JAX caches only compilations over 1 s by default; the many small ones add up to most of the start-up.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # what a multi-process run's supervisor hands on to its worker
+    enable_compilation_cache()
     try:
         return args.handler(args)
     except CifarJaxError as error:

@@ -8,12 +8,14 @@ import sys
 
 import pytest
 
+from cifar_jax import cli
+
 METRIC_KEYS = {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "epoch_seconds",
                "images_per_second"}
 
 
-def run_cli(*args, timeout=240):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+def run_cli(*args, timeout=240, **extra_env):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu", **extra_env)
     return subprocess.run([sys.executable, "-m", "cifar_jax", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
@@ -21,8 +23,11 @@ def run_cli(*args, timeout=240):
 def test_train_on_a_tiny_archive_writes_sane_metrics_and_curves(learnable_data_dir, tmp_path):
     workdir = tmp_path / "run"
     done = run_cli("train", "--model", "model0", "--epochs", "2", "--batch-size", "32", "--eval-batch-size", "101",
-                   "--data-dir", str(learnable_data_dir), "--workdir", str(workdir), "--seed", "0", "--no-progress")
+                   "--data-dir", str(learnable_data_dir), "--workdir", str(workdir), "--seed", "0", "--no-progress",
+                   XDG_CACHE_HOME=str(tmp_path / "cache"))
     assert done.returncode == 0, done.stderr
+    # Compiled programs are kept for the next start (the train step among them, and the small eager ones).
+    assert len(list((tmp_path / "cache" / "cifar-jax" / "xla-compilation-cache").iterdir())) >= 3
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [1, 2]
     for row in rows:
@@ -59,3 +64,9 @@ def test_help_lists_every_subcommand():
     assert done.returncode == 0
     for command in ("train", "evaluate", "plot", "predict"):
         assert command in done.stdout
+
+
+def test_the_compilation_cache_goes_under_the_user_cache_unless_jax_is_told_otherwise(tmp_path):
+    assert cli.compilation_cache_dir({"XDG_CACHE_HOME": str(tmp_path)}) == (
+        tmp_path / "cifar-jax" / "xla-compilation-cache")
+    assert cli.compilation_cache_dir({"JAX_COMPILATION_CACHE_DIR": "/elsewhere", "XDG_CACHE_HOME": "x"}) is None
