@@ -28,11 +28,11 @@ from typing import Any, Mapping, Optional, Sequence
 
 import jax
 
-from cifar_jax.cli import _flag_type
+from cifar_jax.cli import flag_type
 from cifar_jax.config import TrainConfig, conflicting_fields
 from cifar_jax.errors import CifarJaxError, ConfigError
 from cifar_jax.models import MODELS, count_params
-from cifar_jax.report import _table, read_history
+from cifar_jax.report import markdown_table, read_history
 from cifar_jax.train import stop_requests, train, write_json_atomically
 
 RUNS_SUBDIR = "runs"
@@ -70,7 +70,7 @@ class Run:
 def config_field_types() -> dict[str, tuple[type, bool]]:
     """Each TrainConfig field's value type and whether it may be None (Optional[float] → (float, True))."""
     hints = typing.get_type_hints(TrainConfig)
-    return {field.name: (_flag_type(hints[field.name]), type(None) in typing.get_args(hints[field.name]))
+    return {field.name: (flag_type(hints[field.name]), type(None) in typing.get_args(hints[field.name]))
             for field in dataclasses.fields(TrainConfig)}
 
 
@@ -426,7 +426,7 @@ def write_tables(out_dir: Path, rows: Sequence[Mapping[str, Any]], columns: Sequ
     out_dir.mkdir(parents=True, exist_ok=True)
     shown = [column for column in columns if column != "error"]
     header = [COLUMN_TITLES.get(column, column.replace("_", " ")) for column in shown]
-    table = _table(header, [[format_cell(column, row.get(column)) for column in shown] for row in rows])
+    table = markdown_table(header, [[format_cell(column, row.get(column)) for column in shown] for row in rows])
     lines = [f"# {title}", "", *notes, *([""] if notes else []), *table, ""]
     if (out_dir / CURVES_PNG).exists():
         lines += [f"![test accuracy and loss per epoch of every run]({CURVES_PNG})", ""]
@@ -441,10 +441,10 @@ def plot_test_curves(histories: Mapping[str, Sequence[dict]], out_path: Path) ->
     """Test accuracy and test loss per epoch, one line per run, both panels sharing one legend below."""
     from matplotlib.ticker import MaxNLocator
 
-    from cifar_jax.plots import _new_figure, _save
+    from cifar_jax.plots import new_figure, save_figure
 
     drawn = {name: history for name, history in histories.items() if history}
-    figure = _new_figure(11, 4.2 + 0.22 * math.ceil(len(drawn) / 2))
+    figure = new_figure(11, 4.2 + 0.22 * math.ceil(len(drawn) / 2))
     panels = figure.subplots(1, 2)
     for number, (name, history) in enumerate(drawn.items()):
         style = ("-", "--", ":", "-.")[number // 10 % 4]  # the colour cycle repeats after ten runs
@@ -460,7 +460,7 @@ def plot_test_curves(histories: Mapping[str, Sequence[dict]], out_path: Path) ->
         figure.legend(*panels[0].get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize=8)
     else:
         figure.suptitle("no finished epoch yet")
-    return _save(figure, out_path)
+    return save_figure(figure, out_path)
 
 
 def comparison_notes(base: TrainConfig, grid: Mapping[str, list], rows: Sequence[Mapping[str, Any]]) -> list[str]:

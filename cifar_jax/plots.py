@@ -26,13 +26,13 @@ RIGHT_COLOUR = "#222222"
 OTHER_BAR_COLOUR = "#b0b0b0"
 
 
-def _new_figure(width_inches: float, height_inches: float) -> Figure:
+def new_figure(width_inches: float, height_inches: float) -> Figure:
     figure = Figure(figsize=(width_inches, height_inches), dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)
     return figure
 
 
-def _save(figure: Figure, out_path: str | Path) -> Path:
+def save_figure(figure: Figure, out_path: str | Path) -> Path:
     path = Path(out_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png", facecolor="white")
@@ -56,7 +56,7 @@ def _show_image(axes: Axes, image_hwc_uint8: np.ndarray, frame_colour: Optional[
 
 def plot_training_curves(history: Sequence[dict], out_path: str | Path, marked_epoch: Optional[int] = None) -> Path:
     """Accuracy and loss per epoch, train and test, side by side; `marked_epoch` gets a dashed line (a checkpoint)."""
-    figure = _new_figure(10, 4)
+    figure = new_figure(10, 4)
     accuracy_axes, loss_axes = figure.subplots(1, 2)
     epochs = [row["epoch"] for row in history]
     for axes, metric, title in ((accuracy_axes, "accuracy", "Accuracy"), (loss_axes, "loss", "Loss (cross-entropy)")):
@@ -75,7 +75,7 @@ def plot_training_curves(history: Sequence[dict], out_path: str | Path, marked_e
         axes.legend()
     if not history:
         figure.suptitle("no finished epoch yet")
-    return _save(figure, out_path)
+    return save_figure(figure, out_path)
 
 
 # ---------------------------------------------------------------- confusion matrices
@@ -93,7 +93,7 @@ def plot_confusion_matrix(confusion: np.ndarray, class_names: Sequence[str], out
     counts = np.asarray(confusion)
     values = row_normalized(counts) if normalize else counts
     top = 1.0 if normalize else max(int(values.max()), 1)
-    figure = _new_figure(7.5, 6.5)
+    figure = new_figure(7.5, 6.5)
     axes = figure.subplots()
     heatmap = axes.imshow(values, cmap="Blues", vmin=0, vmax=top)
     figure.colorbar(heatmap, ax=axes, shrink=0.85, label="share of the true class" if normalize else "test images")
@@ -108,7 +108,7 @@ def plot_confusion_matrix(confusion: np.ndarray, class_names: Sequence[str], out
                   color="white" if value > top / 2 else "black")
     kind = "row-normalised" if normalize else "counts"
     axes.set_title(f"Confusion matrix, {kind}: {int(counts.sum()):,} test images")
-    return _save(figure, out_path)
+    return save_figure(figure, out_path)
 
 
 # ---------------------------------------------------------------- test images with predictions
@@ -120,7 +120,7 @@ def plot_prediction_grid(images_nhwc_uint8: np.ndarray, labels: np.ndarray, pred
     """Random test images (fixed seed) titled with predicted and true label; wrong ones in red with a red frame."""
     chosen = np.random.default_rng(seed).choice(len(labels), size=min(num_images, len(labels)), replace=False)
     rows = max(1, -(-len(chosen) // columns))
-    figure = _new_figure(columns * 1.75, rows * 2.0 + 0.4)
+    figure = new_figure(columns * 1.75, rows * 2.0 + 0.4)
     for axes, index in itertools.zip_longest(figure.subplots(rows, columns, squeeze=False).ravel(), chosen):
         if index is None:
             axes.set_axis_off()
@@ -132,7 +132,7 @@ def plot_prediction_grid(images_nhwc_uint8: np.ndarray, labels: np.ndarray, pred
                        fontsize=9, color=colour)
     num_wrong = int(sum(predictions[i] != labels[i] for i in chosen))
     figure.suptitle(f"{len(chosen)} random test images: {num_wrong} wrong (in red)")
-    return _save(figure, out_path)
+    return save_figure(figure, out_path)
 
 
 def _examples_of(labels: np.ndarray, predictions: np.ndarray, true_class: int, predicted_class: int, count: int,
@@ -148,10 +148,10 @@ def plot_confused_pairs(images_nhwc_uint8: np.ndarray, labels: np.ndarray, predi
     confusion = confusion_matrix(labels, predictions, len(class_names))
     pairs = most_confused_pairs(confusion, num_pairs)
     columns = 2 * examples_per_direction
-    figure = _new_figure(columns * 1.4, max(len(pairs), 1) * 2.05 + 0.5)
+    figure = new_figure(columns * 1.4, max(len(pairs), 1) * 2.05 + 0.5)
     if not pairs:
         figure.text(0.5, 0.5, "No test image was misclassified.", ha="center", va="center", fontsize=14)
-        return _save(figure, out_path)
+        return save_figure(figure, out_path)
     rng = np.random.default_rng(seed)
     for row_figure, (first, second, _) in zip(figure.subfigures(len(pairs), 1, squeeze=False).ravel(), pairs):
         a, b = class_names[first], class_names[second]
@@ -168,7 +168,7 @@ def plot_confused_pairs(images_nhwc_uint8: np.ndarray, labels: np.ndarray, predi
             _show_image(axes, images_nhwc_uint8[index])
             axes.set_title(f"{true_name} → {predicted_name}", fontsize=8)
     figure.suptitle("Most confused pairs (true → predicted)", fontsize=12)
-    return _save(figure, out_path)
+    return save_figure(figure, out_path)
 
 
 # ---------------------------------------------------------------- new photos
@@ -177,7 +177,7 @@ def plot_confused_pairs(images_nhwc_uint8: np.ndarray, labels: np.ndarray, predi
 def plot_image_predictions(images_nhwc_uint8: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str],
                            titles: Sequence[str], out_path: str | Path, top_k: int = 5) -> Path:
     """Each image (as the model sees it, 32x32) beside a bar chart of its `top_k` most likely classes."""
-    figure = _new_figure(8, 2.1 * max(len(images_nhwc_uint8), 1) + 0.3)
+    figure = new_figure(8, 2.1 * max(len(images_nhwc_uint8), 1) + 0.3)
     grid = figure.subplots(max(len(images_nhwc_uint8), 1), 2, squeeze=False, width_ratios=[1, 2.4])
     for (image_axes, bar_axes), image, probs, title in zip(grid, images_nhwc_uint8, probabilities, titles):
         _show_image(image_axes, image)
@@ -191,7 +191,7 @@ def plot_image_predictions(images_nhwc_uint8: np.ndarray, probabilities: np.ndar
         bar_axes.set_xticks([0, 0.25, 0.5, 0.75, 1.0], ["0", "25%", "50%", "75%", "100%"])
         bar_axes.spines[["top", "right"]].set_visible(False)
         bar_axes.set_title(f"predicted: {class_names[top[0]]}", fontsize=10, loc="left")
-    return _save(figure, out_path)
+    return save_figure(figure, out_path)
 
 
 def _shortened(text: str, limit: int) -> str:

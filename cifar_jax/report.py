@@ -92,7 +92,7 @@ def is_synthetic(data_source: str) -> bool:
     return "synthetic" in data_source.lower()
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
 
@@ -126,7 +126,7 @@ def _headline(metadata: dict, result: EvaluationResult, history: list[dict]) -> 
               f"evaluated on **{result.num_examples:,} test images** from `{result.data_source}`.", ""]
     trained = _epoch_metrics(metadata, history) or {}
     cell = lambda key, fmt: format(trained[key], fmt) if key in trained else "–"
-    lines += _table(["", "train (that epoch)", "test"], [
+    lines += markdown_table(["", "train (that epoch)", "test"], [
         ["accuracy", cell("train_accuracy", ".4f"), f"{result.test_accuracy:.4f}"],
         ["loss", cell("train_loss", ".4f"), f"{result.test_loss:.4f}"],
     ])
@@ -138,7 +138,7 @@ def _config_section(metadata: dict) -> list[str]:
     rows = [["parameters", f"{count_params(metadata['model']):,}"]]
     rows += [[name, f"`{value}`"] for name, value in config.items()]
     versions = ", ".join(f"{name} {version}" for name, version in (metadata.get("versions") or {}).items())
-    lines = ["## Configuration", ""] + _table(["setting", "value"], rows) + [""]
+    lines = ["## Configuration", ""] + markdown_table(["setting", "value"], rows) + [""]
     return lines + ([f"Versions: {versions}.", ""] if versions else [])
 
 
@@ -149,11 +149,11 @@ def report_markdown(workdir: Path, metadata: dict, result: EvaluationResult, his
     lines = _headline(metadata, result, history)
     lines += ["## Training curves", ""] + _image(plot_paths, "training_curves", "accuracy and loss per epoch", workdir)
     lines += ["## Confusion matrix", "", "Rows are true classes, columns predictions; right: each row divided by its total.", ""]
-    lines += _table(["counts", "row-normalised"], [[
+    lines += markdown_table(["counts", "row-normalised"], [[
         _image_link(plot_paths, "confusion_matrix", "confusion matrix, counts", workdir),
         _image_link(plot_paths, "confusion_matrix_normalized", "confusion matrix, row-normalised", workdir),
     ]]) + [""]
-    lines += ["## Per class", ""] + _table(["class", "accuracy", "precision", "recall", "test images"], per_class) + [""]
+    lines += ["## Per class", ""] + markdown_table(["class", "accuracy", "precision", "recall", "test images"], per_class) + [""]
     lines += ["## Most confused pairs", ""] + _image(plot_paths, "confused_pairs", "most confused class pairs", workdir)
     lines += ["## Random test images", "", "Predicted and true label; wrong predictions in red.", ""]
     lines += _image(plot_paths, "test_predictions", "random test images with predictions", workdir)
