@@ -70,3 +70,14 @@ def test_the_compilation_cache_goes_under_the_user_cache_unless_jax_is_told_othe
     assert cli.compilation_cache_dir({"XDG_CACHE_HOME": str(tmp_path)}) == (
         tmp_path / "cifar-jax" / "xla-compilation-cache")
     assert cli.compilation_cache_dir({"JAX_COMPILATION_CACHE_DIR": "/elsewhere", "XDG_CACHE_HOME": "x"}) is None
+
+
+def test_benchmark_compiles_cold_while_the_other_commands_use_the_cache(tmp_path, monkeypatch, capsys):
+    enabled = []
+    monkeypatch.setattr(cli, "enable_compilation_cache", lambda: enabled.append(True))
+    missing = str(tmp_path / "no-data")
+    assert cli.main(["benchmark", "--data", "auto", "--data-dir", missing]) == 2
+    assert enabled == []
+    assert cli.main(["evaluate", "--workdir", missing]) == 2
+    assert enabled == [True]
+    assert capsys.readouterr().err.count("cifar-jax: error:") == 2
