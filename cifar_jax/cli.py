@@ -6,6 +6,7 @@ import dataclasses
 import os
 import sys
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -50,6 +51,8 @@ def _train(args: argparse.Namespace) -> int:
         return distributed.run_supervised(args.argv, settings)
     distributed.exit_with_supervisor()
     distributed.initialize(settings)  # before anything touches a device
+    if not is_main_process():
+        warnings.simplefilter("ignore")  # process 0 prints them once; N copies of each would bury the progress
     overrides = config_overrides(args, TrainConfig)
     saved = Path(overrides["workdir"]).expanduser() / "config.json" if "workdir" in overrides else None
     # Resuming with just --workdir takes the run's own settings; flags given on top must agree with them.

@@ -99,6 +99,8 @@ def test_two_processes_train_exactly_like_one_process_with_four_devices(learnabl
     assert done.stdout.count("epoch 1:") == 1 and f"run finished: {workdir}" in done.stdout
     other_log = (tmp_path / "logs" / "process-1.log").read_text()
     assert "epoch 1:" not in other_log and "run finished" not in other_log
+    # The hand-made archive is not the official one: process 0 warns about it, the others stay quiet.
+    assert "is not the official" in done.stderr and "is not the official" not in other_log
     assert (workdir / "plots" / "training_curves.png").is_file()
 
 
