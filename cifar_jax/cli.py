@@ -57,6 +57,9 @@ def _train(args: argparse.Namespace) -> int:
     saved = Path(overrides["workdir"]).expanduser() / "config.json" if "workdir" in overrides else None
     # Resuming with just --workdir takes the run's own settings; flags given on top must agree with them.
     base = TrainConfig.load(saved) if saved and saved.exists() else TrainConfig()
+    if distributed.is_multi_process() and "num_devices" not in overrides:
+        # A run started on some local devices resumes on every device of every process (the same computation).
+        base = dataclasses.replace(base, num_devices=None)
     try:
         result = train(dataclasses.replace(base, **overrides))
     except distributed.PeerLostError as error:

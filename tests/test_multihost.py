@@ -144,6 +144,22 @@ def test_a_killed_process_stops_the_other_and_the_run_resumes_on_one_process(lea
     assert np.abs(params_at(workdir, "latest") - params_at(reference, 2 * STEPS_PER_EPOCH)).max() <= 1e-4
 
 
+def test_a_run_started_on_some_devices_resumes_on_several_processes(learnable_data_dir, tmp_path, one_process_run):
+    workdir = tmp_path / "two-devices-then-two-processes"
+    saved = TrainConfig.load(one_process_run.workdir / "config.json")
+    train(dataclasses.replace(saved, epochs=1, num_devices=2, workdir=str(workdir)))
+    assert TrainConfig.load(workdir / "config.json").num_devices == 2
+
+    # Only --workdir and --epochs: every other setting, --num-devices 2 included, comes from the run.
+    command = ["bash", str(REPO / "scripts" / "launch_local.sh"), "2", "--workdir", str(workdir), "--epochs", "2"]
+    done = subprocess.run(command, env=process_env(LAUNCH_LOG_DIR=str(tmp_path / "logs")), capture_output=True,
+                          text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert committed_steps(workdir) == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+    reference = one_process_run.workdir
+    assert np.abs(params_at(workdir, "latest") - params_at(reference, 2 * STEPS_PER_EPOCH)).max() <= 1e-4
+
+
 # ---------------------------------------------------------------- settings (this process only)
 
 
