@@ -8,6 +8,7 @@ end, so asynchronous dispatch cannot flatter the figure.
 from __future__ import annotations
 
 import dataclasses
+import math
 import resource
 import statistics
 import time
@@ -20,6 +21,7 @@ import numpy as np
 
 from cifar_jax import optim, parallel
 from cifar_jax.config import TrainConfig
+from cifar_jax.errors import ConfigError
 from cifar_jax.data import CLASS_NAMES, Cifar10, load_cifar10
 from cifar_jax.predict import DEFAULT_BATCH_SIZE, Predictor
 from cifar_jax.train import (Evaluator, TrainState, build_train_step, empty_running_metrics, epoch_order,
@@ -37,6 +39,13 @@ class BenchmarkSettings:
     windows: int = 5  # the timed training is split in this many windows; the median counts
     max_steps: Optional[int] = None  # cap on timed training steps (short smoke runs)
     inference_repeats: int = 3
+
+    def __post_init__(self):
+        if not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise ConfigError(f"--epochs must be a positive number of epochs to time, got {self.epochs!r}")
+        for name in ("windows", "inference_repeats") + (("max_steps",) if self.max_steps is not None else ()):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)!r}")
 
 
 def versions() -> dict[str, str]:

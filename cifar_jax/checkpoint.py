@@ -76,15 +76,22 @@ def open_manager(workdir: str | Path, keep_latest: int = 3, read_only: bool = Fa
         checkpoint_managers.LatestN(n=keep_latest),
         checkpoint_managers.BestN(get_metric_fn=_best_metric, n=1, keep_checkpoints_without_metrics=False),
     ])
-    options = ocp.CheckpointManagerOptions(
-        best_fn=_best_metric,
-        best_mode="max",
-        preservation_policy=preservation,
-        enable_async_checkpointing=not read_only,
-        read_only=read_only,
-        create=not read_only,
-    )
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    if read_only:  # Orbax warns twice on every read-only open that it is read-only: what evaluate and predict ask for
+        absl_log.setLevel(logging.ERROR)
+    try:
+        options = ocp.CheckpointManagerOptions(
+            best_fn=_best_metric,
+            best_mode="max",
+            preservation_policy=preservation,
+            enable_async_checkpointing=not read_only,
+            read_only=read_only,
+            create=not read_only,
+        )
+        return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+    finally:
+        absl_log.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -184,22 +191,24 @@ def restore_newest_good(manager: ocp.CheckpointManager, abstract_params: Any,
     run can save that step again) with a warning. Every process reads the same files and so gives up on the same
     steps; process 0 alone moves them, once all have stopped reading.
     """
-    for step in sorted(manager.all_steps(), reverse=True):
+    steps = sorted(manager.all_steps(), reverse=True)
+    for position, step in enumerate(steps):
         try:
             return _restore_step(manager, step, abstract_params, abstract_train_state)
         except Exception as error:  # a corrupt checkpoint may fail anywhere inside Orbax or TensorStore
             distributed.barrier(f"cifar_jax:checkpoint-{step}-unreadable")
             if parallel.is_main_process():
-                _quarantine(manager, step, error)
+                fallback = "the previous one" if position + 1 < len(steps) else "the start: there is no earlier one"
+                _quarantine(manager, step, error, fallback)
             distributed.barrier(f"cifar_jax:checkpoint-{step}-moved")
             manager.reload()
     return None
 
 
-def _quarantine(manager: ocp.CheckpointManager, step: int, error: Exception) -> None:
+def _quarantine(manager: ocp.CheckpointManager, step: int, error: Exception, fallback: str) -> None:
     quarantine = Path(manager.directory).parent / "corrupt_checkpoints" / f"{step}-{int(time.time())}"
     warnings.warn(f"checkpoint {step} in {manager.directory} is unreadable ({first_line(error)}); "
-                  f"falling back to the previous one and moving it to {quarantine}", stacklevel=3)
+                  f"moving it to {quarantine} and falling back to {fallback}", stacklevel=3)
     quarantine.parent.mkdir(exist_ok=True)
     shutil.move(str(Path(manager.directory) / str(step)), quarantine)
 

@@ -169,7 +169,11 @@ def _compare(args: argparse.Namespace) -> int:
     print(f"results: {Path(out or base.workdir) / RESULTS_MD}")
     if INTERRUPTED in statuses:
         print("interrupted runs saved a checkpoint: run the same command again to resume them")
-    return 1 if FAILED in statuses else 0
+    if FAILED in statuses:
+        print(f"cifar-jax: error: {statuses.count(FAILED)} of {len(rows)} runs failed: each one's error is above and "
+              f"in the status column of {Path(out or base.workdir) / RESULTS_MD}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _add_compare_parser(commands) -> None:
@@ -194,12 +198,19 @@ def _add_compare_parser(commands) -> None:
     parser.set_defaults(handler=_compare)
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """A bad flag gives one line pointing at --help, not the whole usage text (subcommands inherit this class)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"cifar-jax: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cifar_jax import distributed
     from cifar_jax.config import TrainConfig
 
-    parser = argparse.ArgumentParser(prog="cifar-jax", description="Train, compare, checkpoint and serve small "
-                                     "CIFAR-10 classifiers with JAX/Flax on CPU, GPU or TPU.")
+    parser = OneLineErrorParser(prog="cifar-jax", description="Train, compare, checkpoint and serve small "
+                                "CIFAR-10 classifiers with JAX/Flax on CPU, GPU or TPU.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train_parser = commands.add_parser("train", help="train or resume a model",
@@ -267,12 +278,27 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings for a command's user read like its errors: one line, without the source line that raised them."""
+    return f"cifar-jax: warning: {message}\n"
+
+
+def ignore_late_async_callbacks(unraisable) -> None:
+    """A failed checkpoint read closes Orbax's event loop while TensorStore's other reads still call back into it:
+    their 'Event loop is closed' tracebacks would bury the one error line that says what happened."""
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+        sys.__unraisablehook__(unraisable)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # what a multi-process run's supervisor hands on to its worker
     if getattr(args, "cache_compilations", True):
         enable_compilation_cache()
+    warnings.formatwarning = one_line_warning
+    sys.unraisablehook = ignore_late_async_callbacks
     try:
         return args.handler(args)
     except CifarJaxError as error:

@@ -198,6 +198,23 @@ def plan_runs(base: TrainConfig, grid: Mapping[str, list], out_dir: Path) -> lis
     return runs
 
 
+def check_out_dir(runs: Sequence[Run], out_dir: Path) -> None:
+    """Refuse an --out that holds a comparison with other settings before anything trains: rerunning into it would
+    mark its finished runs failed and rewrite its tables. (An invalid setting fails only its own run, later.)"""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{out_dir} is a file, not a folder: choose another --out")
+    for run in runs:
+        saved_config = run.workdir / "config.json"
+        try:
+            requested = run.config.resolved()
+        except ConfigError:
+            continue
+        conflicts = conflicting_fields(TrainConfig.load(saved_config), requested) if saved_config.exists() else []
+        if conflicts:
+            raise ConfigError(f"{out_dir} holds a comparison with other settings (run {run.name}: "
+                              f"{'; '.join(conflicts)}): use a new --out, or the settings it was run with")
+
+
 def read_run_record(workdir: Path) -> dict:
     path = workdir / RUN_RECORD_FILE
     return json.loads(path.read_text()) if path.exists() else {}
@@ -515,6 +532,7 @@ def compare(base_config: TrainConfig, grid: Mapping[str, Any], out_dir: Optional
     folder = Path(folder).expanduser()
     grid = typed_grid(grid)
     runs = plan_runs(base_config, grid, folder)
+    check_out_dir(runs, folder)
     if parallel and base_config.num_devices not in (None, 1):
         raise ConfigError("--parallel trains each run on one device: drop --num-devices, or drop --parallel")
     # Checked only without --parallel: asking JAX would make this process claim the devices its workers need.

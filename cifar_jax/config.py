@@ -201,7 +201,15 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: Path) -> "TrainConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        try:
+            values = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ConfigError(f"{path} is not a readable run config ({' '.join(str(error).split())}): restore it "
+                              "from a backup, or train into a new --workdir") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path} holds {type(values).__name__}, not a run config: restore it from a backup, "
+                              "or train into a new --workdir")
+        return cls.from_dict(values)
 
 
 def _is_number(value: Any) -> bool:

@@ -90,6 +90,8 @@ def load_cifar10(data_dir: Union[str, os.PathLike, None] = None, source: str = "
     if source == "synthetic":
         return synthetic_cifar10()
     data_dir = Path(data_dir).expanduser() if data_dir else default_data_dir()
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"data dir {data_dir} is a file, not a folder: pass the folder that holds the dataset")
     if source in ("auto", "tfds"):
         version_dir = _prepared_tfds_dir(data_dir)
         if version_dir is not None:

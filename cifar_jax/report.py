@@ -11,6 +11,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from cifar_jax import plots
+from cifar_jax.errors import InputError
 from cifar_jax.evaluate import EvaluationResult, dataset_for, evaluate_restored, restore_run
 from cifar_jax.models import count_params
 from cifar_jax.predict import Predictor, read_image_file
@@ -50,7 +51,18 @@ def read_history(workdir: str | Path, metadata: dict) -> list[dict]:
     """Per-epoch metrics of the whole run (WORKDIR/metrics.jsonl), else the history saved in the checkpoint."""
     path = Path(workdir) / "metrics.jsonl"
     lines = path.read_text().splitlines() if path.exists() else []
-    return [json.loads(line) for line in lines if line.strip()] or list(metadata.get("history") or [])
+    history = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            row = "not JSON"
+        if row is not None and not isinstance(row, dict):
+            raise InputError(f"{path} line {number} is not a metrics row: move the file away to plot the history "
+                             "saved in the checkpoint instead")
+        if row is not None:
+            history.append(row)
+    return history or list(metadata.get("history") or [])
 
 
 def predict_photos(workdir: Path, step: int, paths: Sequence[str | Path],

@@ -262,6 +262,9 @@ def prepare_workdir(config: TrainConfig) -> Path:
     workdir = Path(config.workdir).expanduser()
     saved_config_path = workdir / "config.json"
     checkpoints = checkpoint.checkpoint_dir(workdir)
+    for folder in (workdir, checkpoints):
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"{folder} is a file, not a folder: choose a new --workdir")
     has_checkpoints = checkpoints.is_dir() and any(checkpoints.iterdir())
     if saved_config_path.exists():
         conflicts = conflicting_fields(TrainConfig.load(saved_config_path), config)

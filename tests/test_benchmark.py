@@ -47,6 +47,16 @@ def hand_counted_training_flops_per_image() -> int:
     return 3 * forward - 2 * conv_macs[0]
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--windows", "0"], "--windows must be a positive integer, got 0"),
+    (["--max-steps", "-5"], "--max-steps must be a positive integer, got -5"),
+    (["--epochs", "0"], "--epochs must be a positive number of epochs to time, got 0.0"),
+])
+def test_settings_that_would_time_nothing_are_refused(flags, message, capsys):
+    assert main(["benchmark", *flags]) == 2
+    assert capsys.readouterr().err == f"cifar-jax: error: {message}\n"
+
+
 def test_flops_per_image_match_a_hand_count(model0_benchmark):
     assert hand_counted_training_flops_per_image() == 8_405_760
     assert model0_benchmark["flops_per_image"] == pytest.approx(8_405_760, rel=0.10)

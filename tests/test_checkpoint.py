@@ -67,10 +67,22 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, lear
     for data_file in (first.workdir / "checkpoints" / str(latest) / "params").rglob("*"):
         if data_file.is_file() and data_file.stat().st_size > 0:
             data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])  # truncate
-    with pytest.warns(UserWarning, match=f"checkpoint {latest} .* is unreadable .* falling back"):
+    with pytest.warns(UserWarning, match=f"checkpoint {latest} .* is unreadable .* falling back to the previous one$"):
         resumed = train(config)
     # It redid epoch 2 from epoch 1's checkpoint and ended exactly where the uninterrupted run did.
     np.testing.assert_array_equal(flat(resumed.params), flat(straight.params))
+
+
+def test_a_corrupt_only_checkpoint_restarts_the_run_and_says_so(tmp_path, learnable_data):
+    config = quick_config(tmp_path, epochs=1)
+    fresh = train(config)
+    for data_file in (fresh.workdir / "checkpoints").glob("*/params/**/*"):
+        if data_file.is_file() and data_file.stat().st_size > 0:
+            data_file.write_bytes(data_file.read_bytes()[:10])
+    with pytest.warns(UserWarning, match="falling back to the start: there is no earlier one$"):
+        again = train(config)
+    np.testing.assert_array_equal(flat(again.params), flat(fresh.params))
+    assert len(list((fresh.workdir / "corrupt_checkpoints").iterdir())) == 1  # kept aside, not deleted
 
 
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, learnable_data, monkeypatch):

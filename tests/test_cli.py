@@ -3,8 +3,10 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -50,6 +52,8 @@ def test_train_on_a_tiny_archive_writes_sane_metrics_and_curves(learnable_data_d
     (["--model", "model9"], "unknown model 'model9': choose one of model0, model1, model2"),
     (["--learning-rate", "-1"], "learning_rate must be a positive number, got -1.0"),
     (["--data-dir", "/nonexistent/cifar", "--data", "archive"], "cifar-10-binary.tar.gz"),
+    (["--data-dir", "/etc/passwd"], "data dir /etc/passwd is a file, not a folder: pass the folder that holds"),
+    (["--epochs", "ten"], "argument --epochs: invalid int value: 'ten' (see cifar-jax train --help)"),
 ])
 def test_user_errors_are_one_line_without_traceback(tmp_path, args, message):
     done = run_cli("train", "--workdir", str(tmp_path / "run"), "--no-progress", *args, timeout=120)
@@ -81,3 +85,22 @@ def test_benchmark_compiles_cold_while_the_other_commands_use_the_cache(tmp_path
     assert cli.main(["evaluate", "--workdir", missing]) == 2
     assert enabled == [True]
     assert capsys.readouterr().err.count("cifar-jax: error:") == 2
+
+
+def test_an_unreadable_checkpoint_is_one_line_even_with_reads_still_in_flight(trained_run, tmp_path):
+    workdir = tmp_path / "copy"
+    shutil.copytree(trained_run.workdir, workdir)
+    for data_file in (workdir / "checkpoints").glob("*/params/ocdbt.process_*/d/*"):  # the arrays' bytes
+        data_file.write_bytes(data_file.read_bytes()[:20])  # cut short: the many concurrent reads all fail
+    done = run_cli("evaluate", "--workdir", str(workdir), timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.match(r"cifar-jax: error: checkpoint \d+ in .* could not be read", lines[0]), done.stderr
+
+
+def test_only_late_event_loop_callbacks_are_silenced(monkeypatch):
+    reported = []
+    monkeypatch.setattr(sys, "__unraisablehook__", lambda unraisable: reported.append(str(unraisable.exc_value)))
+    for message in ("Event loop is closed", "a real problem"):
+        cli.ignore_late_async_callbacks(types.SimpleNamespace(exc_value=RuntimeError(message)))
+    assert reported == ["a real problem"]

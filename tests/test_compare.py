@@ -205,7 +205,33 @@ def test_a_failing_run_is_recorded_with_its_error_and_the_others_finish(learnabl
     assert all(row["status"] == "failed" and row["train_loss"] == "" for row in rows.values())
     markdown = (out / "results.md").read_text()
     assert f"- `model=model0,learning_rate=-1.0,batch_size=32`: {negative}" in markdown
-    assert "4 runs: 3 failed, 1 finished" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "4 runs: 3 failed, 1 finished" in captured.out
+    assert captured.err.strip().splitlines()[-1] == (
+        f"cifar-jax: error: 3 of 4 runs failed: each one's error is above and in the status column of {out / 'results.md'}")
+
+
+def test_an_out_folder_of_another_comparison_is_refused_before_anything_changes(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    earlier_run = out / "runs" / "model=model0"
+    earlier_run.mkdir(parents=True)
+    (earlier_run / "config.json").write_text(json.dumps(TrainConfig(model="model0", learning_rate=0.01).to_dict()))
+    (earlier_run / RUN_RECORD_FILE).write_text('{"status": "finished"}')
+    (out / "results.md").write_text("earlier results")
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+
+    assert main(["compare", "--models", "model0", "--epochs", "1", "--data", "synthetic", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"cifar-jax: error: {out} holds a comparison with other settings (run model=model0: learning_rate: 0.01 in "
+        "the run vs 0.001 requested): use a new --out, or the settings it was run with\n")
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+
+
+def test_an_out_path_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "notes").write_text("keep me")
+    assert main(["compare", "--models", "model0", "--data", "synthetic", "--out", str(tmp_path / "notes")]) == 2
+    assert "is a file, not a folder: choose another --out" in capsys.readouterr().err
+    assert (tmp_path / "notes").read_text() == "keep me"
 
 
 # ---------------------------------------------------------------- scripts/reproduce_tutorial.py

@@ -10,6 +10,7 @@ from PIL import Image
 from cifar_jax import cli, plots
 from cifar_jax.data import CLASS_NAMES
 from cifar_jax.evaluate import confusion_matrix, evaluate
+from cifar_jax.errors import InputError
 from cifar_jax.report import PLOT_FILES, read_history, report_markdown
 from learnable import class_coloured_dataset
 from test_evaluate import NUM_TEST, trained_run  # noqa: F401  (the module-scoped fixture)
@@ -148,3 +149,9 @@ def test_report_on_synthetic_data_says_the_numbers_are_not_cifar10(trained_run):
 def test_history_comes_from_metrics_jsonl_else_the_checkpoint(trained_run, tmp_path):
     assert read_history(trained_run.workdir, {}) == trained_run.history
     assert read_history(tmp_path, {"history": HISTORY}) == HISTORY
+
+
+def test_a_garbled_metrics_file_is_one_clear_error(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2, "train_lo\n')
+    with pytest.raises(InputError, match=r"metrics.jsonl line 2 is not a metrics row: move the file away"):
+        read_history(tmp_path, {"history": HISTORY})

@@ -173,6 +173,26 @@ def test_workdir_of_a_different_run_is_refused(tmp_path, learnable_data):
         train(quick_config(tmp_path, epochs=2, resume=False))
 
 
+@pytest.mark.parametrize("file_in_the_way", ["run", "run/checkpoints"])
+def test_a_file_where_the_run_folders_go_is_refused_and_kept(tmp_path, file_in_the_way, monkeypatch):
+    monkeypatch.setattr(train_module, "load_cifar10", lambda *a, **k: pytest.fail("data was loaded"))
+    (tmp_path / file_in_the_way).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / file_in_the_way).write_text("a user's file")
+    with pytest.raises(ConfigError, match=f"{tmp_path / file_in_the_way} is a file, not a folder: choose a new"):
+        train(quick_config(tmp_path))
+    assert (tmp_path / file_in_the_way).read_text() == "a user's file"
+
+
+@pytest.mark.parametrize("garbage", ["{'model': ", "[1, 2]"])
+def test_an_unreadable_run_config_is_one_clear_error_and_is_kept(tmp_path, garbage, monkeypatch):
+    monkeypatch.setattr(train_module, "load_cifar10", lambda *a, **k: pytest.fail("data was loaded"))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(garbage)
+    with pytest.raises(ConfigError, match=r"config.json (is not a readable run config|holds list, not a run config)"):
+        train(quick_config(tmp_path))
+    assert (tmp_path / "run" / "config.json").read_text() == garbage
+
+
 def test_model2_preset_is_sgd_at_0_01():
     config = TrainConfig(model="model2").resolved()
     assert (config.optimizer, config.learning_rate) == ("sgd", 0.01)
