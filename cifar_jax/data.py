@@ -57,6 +57,17 @@ class Cifar10:
     source: str = ""  # where the arrays came from, for reports: "tfds:<dir>", "archive:<path>", SYNTHETIC_SOURCE
 
 
+def fingerprint(dataset: Cifar10) -> dict:
+    """What identifies a data set's contents whatever its order or where it was read from: image counts, train
+    images per class, and pixel sums (a run resumed on other data would silently mix two data sets)."""
+    return {
+        "train_images": len(dataset.train_labels),
+        "test_images": len(dataset.test_labels),
+        "train_per_class": np.bincount(dataset.train_labels, minlength=len(CLASS_NAMES)).tolist(),
+        "pixel_sums": [int(dataset.train_images.sum(dtype=np.uint64)), int(dataset.test_images.sum(dtype=np.uint64))],
+    }
+
+
 def default_data_dir() -> Path:
     """Where TFDS keeps data sets: $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
     return Path(os.environ.get("TFDS_DATA_DIR") or Path.home() / "tensorflow_datasets").expanduser()

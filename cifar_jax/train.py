@@ -24,7 +24,8 @@ from tqdm import tqdm
 from cifar_jax import checkpoint, distributed, optim, parallel
 from cifar_jax.augment import Augmentation, augment_batch, augmentation_for, example_keys
 from cifar_jax.config import TrainConfig, conflicting_fields
-from cifar_jax.data import CIFAR10_MEAN, CIFAR10_STD, CLASS_NAMES, Cifar10, load_cifar10, normalize_images
+from cifar_jax.data import (CIFAR10_MEAN, CIFAR10_STD, CLASS_NAMES, Cifar10, fingerprint, load_cifar10,
+                            normalize_images)
 from cifar_jax.errors import CheckpointError, ConfigError, TrainingDivergedError
 from cifar_jax.models import create_model
 from cifar_jax.optim import create_optimizer
@@ -238,7 +239,7 @@ def write_history(workdir: Path, history: list[dict]) -> None:
     write_json_atomically(workdir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
 
 
-def checkpoint_metadata(config: TrainConfig, dataset_source: str, epoch: int, step_in_epoch: int,
+def checkpoint_metadata(config: TrainConfig, dataset: Cifar10, epoch: int, step_in_epoch: int,
                         history: list[dict]) -> dict:
     return {
         "model": config.model,
@@ -250,7 +251,8 @@ def checkpoint_metadata(config: TrainConfig, dataset_source: str, epoch: int, st
         "step_in_epoch": step_in_epoch,  # steps of the next epoch already taken (mid-epoch saves)
         "metrics": history[-1] if history and step_in_epoch == 0 else None,
         "history": history,
-        "data_source": dataset_source,
+        "data_source": dataset.source,
+        "data_fingerprint": fingerprint(dataset),
     }
 
 
@@ -290,16 +292,23 @@ class RunPosition:
     history: list = dataclasses.field(default_factory=list)
 
 
-def restore_or_init(config: TrainConfig, manager, optimizer) -> tuple[nnx.GraphDef, TrainState, dict, RunPosition]:
+def restore_or_init(config: TrainConfig, manager, optimizer,
+                    dataset: Cifar10) -> tuple[nnx.GraphDef, TrainState, dict, RunPosition]:
     graphdef, params = init_params(config.model, config.seed)
     state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
     running = empty_running_metrics()
     if not manager.all_steps():
         return graphdef, state, running, RunPosition()
-    latest_model = checkpoint.read_metadata(manager, max(manager.all_steps())).get("model")
-    if latest_model != config.model:
-        raise CheckpointError(f"{manager.directory} holds checkpoints of {latest_model}, not {config.model}: "
+    latest = checkpoint.read_metadata(manager, max(manager.all_steps()))
+    if latest.get("model") != config.model:
+        raise CheckpointError(f"{manager.directory} holds checkpoints of {latest.get('model')}, not {config.model}: "
                               "use a new --workdir for a different model")
+    trained_on = latest.get("data_fingerprint")  # absent in checkpoints saved before it was recorded
+    if trained_on is not None and trained_on != fingerprint(dataset):
+        raise CheckpointError(f"{manager.directory} was trained on other data ({latest.get('data_source')}, "
+                              f"{trained_on['train_images']} training images) than {dataset.source} "
+                              f"({len(dataset.train_labels)}): resume it with its own --data and --data-dir, or "
+                              "use a new --workdir")
     template = {"opt_state": state.opt_state, "step": state.step, "running": running}
     restored = checkpoint.restore_newest_good(manager, params, jax.device_get(template))
     if restored is None:
@@ -320,7 +329,7 @@ def train(config: TrainConfig) -> TrainResult:
     dataset = load_cifar10(config.data_dir, config.data)
     optimizer = create_optimizer(config, optim.steps_per_epoch(len(dataset.train_labels), config.batch_size))
     with checkpoint.managed(workdir, keep_latest=config.keep_checkpoints) as manager:
-        graphdef, state, running, position = restore_or_init(config, manager, optimizer)
+        graphdef, state, running, position = restore_or_init(config, manager, optimizer, dataset)
         distributed.barrier("cifar_jax:run-checked")  # every process has read the workdir before it changes
         if parallel.is_main_process():  # only now that the workdir is known to hold this run
             write_json_atomically(workdir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
@@ -347,7 +356,7 @@ def _run_epochs(config, workdir, dataset: Cifar10, devices: parallel.DeviceSet, 
     def save(epoch: int, step_in_epoch: int, metrics: Optional[dict]) -> None:
         host_state = parallel.unreplicate(state)
         train_state = {"opt_state": host_state.opt_state, "step": host_state.step, "running": parallel.unreplicate(running)}
-        meta = checkpoint_metadata(config, dataset.source, epoch, step_in_epoch, history)
+        meta = checkpoint_metadata(config, dataset, epoch, step_in_epoch, history)
         checkpoint.save(manager, int(host_state.step), host_state.params, train_state, meta, metrics)
 
     for epoch in range(position.epoch, config.epochs):

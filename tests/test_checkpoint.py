@@ -2,6 +2,7 @@
 
 Killing real processes (SIGKILL mid-epoch and mid-save, SIGTERM) is in test_preemption.py.
 """
+import dataclasses
 import importlib
 import json
 import shutil
@@ -94,6 +95,24 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, learnable
     restored = checkpoint.restore_for_inference(good.workdir, "latest", abstract_params)
     assert restored.metadata["epoch"] == 1
     np.testing.assert_array_equal(flat(restored.params), flat(good.params))
+
+
+def test_resuming_on_other_data_is_refused_but_the_same_data_read_elsewhere_resumes(tmp_path, learnable_data,
+                                                                                    monkeypatch):
+    train(quick_config(tmp_path, epochs=1))
+    saved_config = (tmp_path / "run" / "config.json").read_text()
+    other = dataclasses.replace(learnable_data, train_images=255 - learnable_data.train_images, source="synthetic")
+    monkeypatch.setattr(train_module, "load_cifar10", lambda data_dir=None, source="auto": other)
+    with pytest.raises(CheckpointError, match=r"was trained on other data \(test: class-coloured noise, 256 training images\) than "
+                                              r"synthetic \(256\): resume it with its own --data and --data-dir"):
+        train(quick_config(tmp_path, epochs=2))
+    assert (tmp_path / "run" / "config.json").read_text() == saved_config
+
+    order = np.random.default_rng(0).permutation(len(learnable_data.train_labels))
+    moved = dataclasses.replace(learnable_data, train_images=learnable_data.train_images[order],
+                                train_labels=learnable_data.train_labels[order], source="archive:/elsewhere")
+    monkeypatch.setattr(train_module, "load_cifar10", lambda data_dir=None, source="auto": moved)
+    assert [row["epoch"] for row in train(quick_config(tmp_path, epochs=2)).history] == [1, 2]
 
 
 def test_checkpoint_of_another_model_is_a_clear_error(tmp_path, learnable_data):
