@@ -24,7 +24,7 @@ from orbax.checkpoint import checkpoint_managers
 
 from cifar_jax import distributed, parallel
 from cifar_jax.distributed import first_line
-from cifar_jax.errors import CheckpointError
+from cifar_jax.errors import CheckpointError, CheckpointSaveError, CifarJaxError
 
 CHECKPOINTS_SUBDIR = "checkpoints"
 BEST_METRIC = "test_accuracy"
@@ -115,9 +115,29 @@ def managed(workdir: str | Path, keep_latest: int = 3) -> Iterator[ocp.Checkpoin
 
 
 def _close(manager: ocp.CheckpointManager, resume_hint: str) -> None:
-    with distributed.peer_failures_as_errors(resume_hint):
+    with save_failures_as_errors(manager), distributed.peer_failures_as_errors(resume_hint):
         manager.wait_until_finished()
         manager.close()
+
+
+@contextlib.contextmanager
+def save_failures_as_errors(manager: ocp.CheckpointManager) -> Iterator[None]:
+    """A save that failed in Orbax's background writer (a full disk, no permission, a file in the way) surfaces at
+    the next save or wait: say it in one line."""
+    try:
+        yield
+    except CifarJaxError:
+        raise
+    except Exception as error:
+        raise CheckpointSaveError(
+            f"could not write a checkpoint in {manager.directory} ({first_line(error)}): free disk space or fix "
+            "the folder's permissions, then run the same command again to resume from the last checkpoint saved"
+        ) from None
+
+
+def wait_for_saves(manager: ocp.CheckpointManager) -> None:
+    with save_failures_as_errors(manager):
+        manager.wait_until_finished()
 
 
 def save(manager: ocp.CheckpointManager, step: int, params: Any, train_state: dict, metadata: dict,
@@ -127,16 +147,17 @@ def save(manager: ocp.CheckpointManager, step: int, params: Any, train_state: di
     Every process calls it; the arrays are replicated, so Orbax has process 0 write them (and the metadata).
     """
     host_params, host_state = jax.device_get((params, train_state))
-    manager.save(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardSave(host_params),
-            train_state=ocp.args.StandardSave(host_state),
-            metadata=ocp.args.JsonSave({**metadata, "versions": package_versions()}),
-        ),
-        metrics=metrics,
-        force=True,
-    )
+    with save_failures_as_errors(manager):  # Orbax first waits for the previous save, which may have failed
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(host_params),
+                train_state=ocp.args.StandardSave(host_state),
+                metadata=ocp.args.JsonSave({**metadata, "versions": package_versions()}),
+            ),
+            metrics=metrics,
+            force=True,
+        )
 
 
 def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_params: Any,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
 import typing
@@ -10,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from cifar_jax.errors import CifarJaxError
+from cifar_jax.errors import CheckpointSaveError, CifarJaxError
 
 
 def flag_type(annotation: Any) -> Any:
@@ -62,9 +63,9 @@ def _train(args: argparse.Namespace) -> int:
         base = dataclasses.replace(base, num_devices=None)
     try:
         result = train(dataclasses.replace(base, **overrides))
-    except distributed.PeerLostError as error:
+    except (distributed.PeerLostError, CheckpointSaveError) as error:
         print(f"cifar-jax: error: {error}", file=sys.stderr)
-        distributed.exit_after_peer_loss(2)
+        distributed.exit_now(2)
     if not result.interrupted and is_main_process():
         print(f"run finished: {result.workdir}")
     return 0
@@ -291,6 +292,13 @@ def ignore_late_async_callbacks(unraisable) -> None:
         sys.__unraisablehook__(unraisable)
 
 
+def without_stack_trace(record: logging.LogRecord) -> bool:
+    """Orbax logs a failed background save with its stack trace before the command's own error line says what
+    happened and what to do; its log line is kept, the trace dropped."""
+    record.exc_info = record.exc_text = None
+    return True
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
@@ -299,6 +307,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         enable_compilation_cache()
     warnings.formatwarning = one_line_warning
     sys.unraisablehook = ignore_late_async_callbacks
+    logging.getLogger("absl").addFilter(without_stack_trace)
     try:
         return args.handler(args)
     except CifarJaxError as error:

@@ -213,8 +213,9 @@ def peer_failures_as_errors(what_to_do: str) -> Iterator[None]:
             f"({first_line(error)}): another process has probably stopped, see its log; {what_to_do}") from None
 
 
-def exit_after_peer_loss(status: int) -> None:
-    """End this process now, skipping JAX's shutdown barrier, which would wait for the dead peer and abort."""
+def exit_now(status: int) -> None:
+    """End this process now, skipping what a normal exit waits for: JAX's shutdown barrier after a peer died (it
+    would wait for the dead peer and abort), Orbax's writer threads after a failed save (they wait forever)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)

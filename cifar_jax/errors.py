@@ -17,6 +17,10 @@ class CheckpointError(CifarJaxError):
     """A checkpoint is missing, corrupt or belongs to another model."""
 
 
+class CheckpointSaveError(CheckpointError):
+    """A checkpoint could not be written. Orbax's writer threads are left waiting on it: the process must exit at once."""
+
+
 class TrainingDivergedError(CifarJaxError):
     """Loss or gradients became NaN/Inf."""
 

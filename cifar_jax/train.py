@@ -381,7 +381,7 @@ def _run_epochs(config, workdir, dataset: Cifar10, devices: parallel.DeviceSet, 
             if stop_signal:
                 _raise_if_diverged(running, epoch)
                 save(epoch, step_in_epoch + 1, None)
-                manager.wait_until_finished()
+                checkpoint.wait_for_saves(manager)
                 bar.close()
                 if parallel.is_main_process():
                     print(f"{stop_signal}: saved a checkpoint at epoch {epoch + 1}, step {step_in_epoch + 1}; "

@@ -104,3 +104,26 @@ def test_only_late_event_loop_callbacks_are_silenced(monkeypatch):
     for message in ("Event loop is closed", "a real problem"):
         cli.ignore_late_async_callbacks(types.SimpleNamespace(exc_value=RuntimeError(message)))
     assert reported == ["a real problem"]
+
+
+FAILING_SAVE = """
+import importlib, pathlib, sys
+train_module = importlib.import_module("cifar_jax.train")
+train_module.prepare_workdir = lambda config: pathlib.Path(config.workdir)  # let the file below stand in the way
+from cifar_jax import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_error_line_and_the_process_ends(learnable_data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "checkpoints").write_text("a file where Orbax writes: every save fails in its background writer")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", FAILING_SAVE, "train", "--model", "model0", "--epochs", "2",
+                           "--data-dir", str(learnable_data_dir), "--workdir", str(workdir), "--no-progress"],
+                          capture_output=True, text=True, timeout=120, env=env)  # Orbax's threads once hung it here
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        f"cifar-jax: error: could not write a checkpoint in {workdir / 'checkpoints'} (NotADirectoryError")
+    assert "Traceback" not in done.stderr
