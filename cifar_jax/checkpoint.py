@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import importlib.metadata
 import logging
+import os
 import shutil
 import time
 import warnings
@@ -195,10 +196,11 @@ def resolve_step(manager: ocp.CheckpointManager, step: str | int) -> int:
     if step == "best":
         best = manager.best_step()
         return max(steps) if best is None else best
-    try:
-        number = int(step)
-    except (TypeError, ValueError):
-        raise CheckpointError(f"step must be 'best', 'latest' or a number, got {step!r}") from None
+    # A step number: an int, or its digits (from the command line); 8.9 or True are not steps.
+    is_number = (isinstance(step, int) and not isinstance(step, bool)) or (isinstance(step, str) and step.isdigit())
+    if not is_number:
+        raise CheckpointError(f"step must be 'best', 'latest' or a whole step number, got {step!r}")
+    number = int(step)
     if number not in steps:
         raise CheckpointError(f"no checkpoint at step {number} in {where}: available steps {sorted(steps)}")
     return number
@@ -239,6 +241,8 @@ def restore_for_inference(location: str | Path, step: str | int, abstract_params
 
     `abstract_params_for(model_name)` gives the shapes the named model expects.
     """
+    if not isinstance(location, (str, os.PathLike)):
+        raise CheckpointError(f"expected the workdir of a training run (a folder path), got {location!r}")
     path = Path(location).expanduser().absolute()
     if path.name.isdigit() and path.parent.name == CHECKPOINTS_SUBDIR:
         path, step = path.parent, int(path.name)

@@ -199,8 +199,9 @@ def plan_runs(base: TrainConfig, grid: Mapping[str, list], out_dir: Path) -> lis
 
 
 def check_out_dir(runs: Sequence[Run], out_dir: Path) -> None:
-    """Refuse an --out that holds a comparison with other settings before anything trains: rerunning into it would
-    mark its finished runs failed and rewrite its tables. (An invalid setting fails only its own run, later.)"""
+    """Refuse an --out that holds a comparison with other settings or other runs before anything trains: rerunning
+    into it would mark its finished runs failed, or rewrite its tables without them. (An invalid setting fails only
+    its own run, later.)"""
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"{out_dir} is a file, not a folder: choose another --out")
     for run in runs:
@@ -213,6 +214,14 @@ def check_out_dir(runs: Sequence[Run], out_dir: Path) -> None:
         if conflicts:
             raise ConfigError(f"{out_dir} holds a comparison with other settings (run {run.name}: "
                               f"{'; '.join(conflicts)}): use a new --out, or the settings it was run with")
+    # A grid may grow (its tables then show every run), but one that leaves earlier runs out would drop their rows.
+    earlier_table = out_dir / RESULTS_CSV
+    if earlier_table.is_file():
+        with earlier_table.open(newline="") as table:
+            left_out = sorted({row.get("run") for row in csv.DictReader(table)} - {run.name for run in runs})
+        if left_out:
+            raise ConfigError(f"{out_dir} holds a comparison with runs this grid leaves out ({', '.join(left_out)}): "
+                              "use a new --out, or include them in the grid")
 
 
 def read_run_record(workdir: Path) -> dict:

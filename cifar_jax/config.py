@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -100,15 +101,17 @@ class TrainConfig:
 
     def resolved(self) -> "TrainConfig":
         """A copy with the recipe's values in every unset field and every value checked (devices are checked later)."""
-        if self.model not in MODELS:
+        if not isinstance(self.model, str) or self.model not in MODELS:
             raise ConfigError(f"unknown model {self.model!r}: choose one of {', '.join(MODELS)}")
-        if self.recipe not in RECIPES:
+        if not isinstance(self.recipe, str) or self.recipe not in RECIPES:
             raise ConfigError(f"unknown recipe {self.recipe!r}: choose one of {', '.join(RECIPES)}")
         recipe = RECIPES[self.recipe][self.model]
         config = dataclasses.replace(self, **{name: value for name, value in recipe.items() if getattr(self, name) is None})
         config = config._with_fallback_defaults()
         config.validate()
-        return config
+        # Folders as text: the config is saved as JSON, and a pathlib.Path is what a Python caller often passes.
+        return dataclasses.replace(config, **{name: os.fspath(getattr(config, name)) for name in ("workdir", "data_dir")
+                                              if getattr(config, name) is not None})
 
     def _with_fallback_defaults(self) -> "TrainConfig":
         """Warm-up and weight decay that neither the flags nor the recipe set take their per-schedule/optimizer default."""
@@ -125,9 +128,12 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.num_devices is not None and (not isinstance(self.num_devices, int) or self.num_devices < 1):
+        for name in ("workdir", "data_dir"):
+            if not isinstance(getattr(self, name), (str, os.PathLike, type(None))):
+                raise ConfigError(f"{name} must be a folder path, got {getattr(self, name)!r}")
+        if self.num_devices is not None and (not _is_int(self.num_devices) or self.num_devices < 1):
             raise ConfigError(f"num_devices must be a positive integer, got {self.num_devices!r}")
-        if not isinstance(self.seed, int) or self.seed < 0:
+        if not _is_int(self.seed) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
         rate = self.learning_rate
         if rate is not None and not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0):
@@ -156,7 +162,7 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a non-negative number (0 = off), got {value!r}")
         if not (_is_number(self.label_smoothing) and 0 <= self.label_smoothing < 1):
             raise ConfigError(f"label_smoothing must be a number from 0 to less than 1, got {self.label_smoothing!r}")
-        for name in ("augment", "tta_flip"):
+        for name in ("augment", "tta_flip", "standardize", "resume", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         self._validate_augmentation()

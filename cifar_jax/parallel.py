@@ -47,6 +47,8 @@ class DeviceSet:
             # Process by process, so process p's devices hold rows p*L ... p*L+L-1 of every batch (L local devices).
             everyone = tuple(sorted(jax.devices(), key=lambda d: (d.process_index, d.id)))
             return cls(everyone, tuple(jax.local_devices()))
+        if isinstance(num_devices, bool) or not isinstance(num_devices, (int, np.integer)):
+            raise ConfigError(f"num_devices must be a whole number of devices, got {num_devices!r}")
         available = jax.local_device_count()
         if jax.process_count() > 1:
             raise ConfigError("num_devices cannot be set in a multi-process run: every device takes part")

@@ -49,8 +49,14 @@ ImageInput = Union[np.ndarray, str, os.PathLike, Image.Image]
 # ---------------------------------------------------------------- results
 
 
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def top_classes(probabilities: np.ndarray, class_names: Sequence[str], k: int) -> list[tuple[str, float]]:
     """The k most likely (class name, probability) pairs of one image, most likely first."""
+    if not _is_whole(k) or k < 1:
+        raise InputError(f"k must be a whole number of classes, at least 1, got {k!r}")
     order = np.argsort(-probabilities, kind="stable")[:k]
     return [(class_names[i], float(probabilities[i])) for i in order]
 
@@ -95,6 +101,8 @@ class ImagePrediction:
 
     @property
     def class_id(self) -> int:
+        if not self.ok:
+            raise InputError(f"{self.path} has no prediction: {self.error}")
         return int(self.probabilities.argmax())
 
     @property
@@ -103,9 +111,10 @@ class ImagePrediction:
 
     @property
     def probability(self) -> float:
-        return float(self.probabilities.max())
+        return float(self.probabilities[self.class_id])
 
     def top_k(self, k: int = 3) -> list[tuple[str, float]]:
+        self.class_id  # noqa: B018  (raises the image's own error when it has no prediction)
         return top_classes(self.probabilities, self.classes, k)
 
     def to_json(self, k: int = 3) -> dict:
@@ -194,9 +203,12 @@ def array_to_model_images(array: Any, name: str) -> tuple[np.ndarray, list[str],
     images = array[None] if array.ndim == 3 else array
     if images.ndim != 4:
         raise InputError(f"{name} has shape {array.shape}: expected RGB images shaped (N, H, W, 3) or (H, W, 3)")
+    if images.shape[-1] != 3 and images.shape[-3] == 3:
+        raise InputError(f"{name} has shape {array.shape}, channels first: expected channels last, (N, H, W, 3); "
+                         "transpose it, e.g. np.moveaxis(images, -3, -1)")
     if images.shape[-1] != 3:
-        raise InputError(f"{name} has {images.shape[-1]} channels (shape {array.shape}): expected 3 (RGB); "
-                         "convert grey or RGBA images to RGB first")
+        raise InputError(f"{name} has {images.shape[-1]} channels (shape {array.shape}): expected 3 (RGB) last; "
+                         "convert grey or RGBA images to RGB first, or add the channel axis")
     if 0 in images.shape[1:3]:
         raise InputError(f"{name} has shape {array.shape}: an image needs at least one pixel")
     row_names = [name] if array.ndim == 3 else [f"{name}[{i}]" for i in range(len(images))]
@@ -215,7 +227,7 @@ def _as_uint8(images: np.ndarray, row_names: list[str], name: str) -> tuple[np.n
         return images, {}
     if not np.issubdtype(images.dtype, np.floating):
         raise InputError(f"{name} has dtype {images.dtype}: pass uint8 pixels (0..255) or floats in [0, 1]")
-    flat = images.reshape(len(images), -1)
+    flat = images.reshape(len(images), int(np.prod(images.shape[1:])))  # -1 is ambiguous for an empty batch
     has_nan = np.isnan(flat).any(axis=1)
     out_of_range = ((flat < 0) | (flat > 1)).any(axis=1) & ~has_nan
     errors = {int(i): InputError(f"{row_names[i]} contains NaN: pixel values must be numbers in [0, 1]")
@@ -263,7 +275,13 @@ def image_files(paths_or_directory: Union[str, os.PathLike, Iterable]) -> Iterat
     A folder with no image files is yielded itself, so it is reported rather than silently skipped.
     """
     paths = [paths_or_directory] if isinstance(paths_or_directory, (str, os.PathLike)) else paths_or_directory
-    for path in map(Path, paths):
+    if not isinstance(paths, Iterable) or isinstance(paths, bytes):
+        raise InputError(f"expected a file or folder path, or a list of them, got {paths_or_directory!r}")
+    for path in paths:
+        if not isinstance(path, (str, os.PathLike)):
+            raise InputError(f"expected file or folder paths, got {type(path).__name__} {path!r:.60}: pass arrays "
+                             "and PIL images to predict(), paths to predict_paths()")
+        path = Path(path)
         if not path.is_dir():
             yield path  # a missing or unreadable file is reported when it is read
             continue
@@ -333,7 +351,7 @@ class Predictor:
                  batch_size: int = DEFAULT_BATCH_SIZE, devices: Optional[DeviceSet] = None,
                  metadata: Optional[dict] = None, step: Optional[int] = None):
         self.devices = devices or DeviceSet.select()
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if not _is_whole(batch_size) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         # A whole number per device; the batch size only changes speed, never results, so round up quietly.
         self.batch_size = math.ceil(batch_size / self.devices.global_count) * self.devices.global_count
@@ -421,6 +439,8 @@ class Predictor:
         errors="skip" (default) yields a result with `error` set for a bad file and goes on; "raise" stops there.
         """
         _check_errors_mode(errors)
+        if batch_size is not None and (not _is_whole(batch_size) or batch_size < 1):
+            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         previous = None
         for chunk in _chunks(image_files(paths_or_directory), batch_size or self.batch_size):
             decoded = [(path, _read_or_error(path)) for path in chunk]

@@ -14,7 +14,7 @@ import pytest
 
 from cifar_jax import TrainConfig
 from cifar_jax.cli import main
-from cifar_jax.compare import (RUN_RECORD_FILE, compare, comparison_from_options, parse_grid_option, plan_runs,
+from cifar_jax.compare import (RUN_RECORD_FILE, check_out_dir, compare, comparison_from_options, parse_grid_option, plan_runs,
                                typed_grid)
 from cifar_jax.errors import ConfigError
 
@@ -225,6 +225,18 @@ def test_an_out_folder_of_another_comparison_is_refused_before_anything_changes(
         f"cifar-jax: error: {out} holds a comparison with other settings (run model=model0: learning_rate: 0.01 in "
         "the run vs 0.001 requested): use a new --out, or the settings it was run with\n")
     assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+
+
+def test_a_grid_that_leaves_out_earlier_runs_is_refused_but_one_that_grows_is_not(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "results.csv").write_text("run,model,learning_rate\nlearning_rate=0.001,model0,0.001\n")
+    base = TrainConfig(model="model0", epochs=1, data="synthetic")
+    with pytest.raises(ConfigError, match=r"holds a comparison with runs this grid leaves out \(learning_rate=0.001\)"):
+        compare(base, {"learning_rate": [1e-2]}, out)
+    assert (out / "results.csv").read_text().count("\n") == 2
+    runs = plan_runs(base, {"learning_rate": [1e-3, 1e-2]}, out)
+    check_out_dir(runs, out)  # a grown grid keeps every earlier row: accepted
 
 
 def test_an_out_path_that_is_a_file_is_refused(tmp_path, capsys):

@@ -6,6 +6,7 @@ import pytest
 
 from cifar_jax import TrainConfig, cli, train
 from cifar_jax.data import CLASS_NAMES
+from cifar_jax.errors import CheckpointError
 from cifar_jax.evaluate import (confusion_matrix, eval_batch_size, evaluate, format_result, most_confused_pairs,
                                 per_class_metrics)
 from cifar_fixtures import write_binary_archive
@@ -124,3 +125,14 @@ def test_cli_evaluate_without_checkpoints_is_one_clear_line(tmp_path, capsys):
     assert cli.main(["evaluate", "--workdir", str(tmp_path)]) == 2
     error = capsys.readouterr().err
     assert error.startswith("cifar-jax: error: no checkpoints folder") and error.count("\n") == 1
+
+
+@pytest.mark.parametrize("workdir, step, message", [
+    (None, "best", "expected the workdir of a training run \\(a folder path\\), got None"),
+    ("run", 8.9, "step must be 'best', 'latest' or a whole step number, got 8.9"),
+    ("run", True, "step must be 'best', 'latest' or a whole step number, got True"),
+    ("run", "-1", "step must be 'best', 'latest' or a whole step number, got '-1'"),
+])
+def test_a_wrong_workdir_or_step_is_a_checkpoint_error(trained_run, workdir, step, message):
+    with pytest.raises(CheckpointError, match=message):
+        evaluate(trained_run.workdir if workdir == "run" else workdir, step=step)

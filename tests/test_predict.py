@@ -179,10 +179,38 @@ def test_each_bad_file_gets_an_error_naming_it(predictor, tmp_path):
     (np.full((32, 32, 3), -0.1), r"images has float values outside \[0, 1\]"),
     ([np.zeros((32, 32, 3), np.uint8), np.zeros((8, 8, 3), np.uint16)], r"images\[1\] has dtype uint16"),
     ([np.zeros((32, 32, 3), np.uint8), 42], r"images\[1\] is a int: pass a numpy array, a file path or a PIL"),
+    (np.zeros((2, 3, 32, 32), np.uint8), r"shape \(2, 3, 32, 32\), channels first: .* np.moveaxis\(images, -3, -1\)"),
+    (np.zeros((2, 32, 32), np.uint8), "images has 32 channels .* or add the channel axis"),
 ])
 def test_bad_arrays_get_an_error_naming_them(predictor, images, message):
     with pytest.raises(InputError, match=message):
         predictor.predict(images)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_an_empty_batch_gives_no_rows(predictor, dtype):
+    result = predictor.predict(np.zeros((0, 32, 32, 3), dtype))
+    assert len(result) == 0 and result.probabilities.shape == (0, len(CLASS_NAMES))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda p, folder: list(p.predict_paths(5)), "expected a file or folder path, or a list of them, got 5"),
+    (lambda p, folder: list(p.predict_paths([np.zeros(3)])), "expected file or folder paths, got ndarray"),
+    (lambda p, folder: list(p.predict_paths(folder, batch_size=-1)), "batch_size must be a positive integer, got -1"),
+    (lambda p, folder: p.predict(np.zeros((1, 32, 32, 3), np.uint8)).top_k(0), "k must be a whole number of classes"),
+])
+def test_misused_calls_get_an_input_error(predictor, photo_folder, call, message):
+    with pytest.raises(InputError, match=message):
+        call(predictor, photo_folder)
+
+
+def test_a_file_that_failed_says_why_when_asked_for_its_label(predictor, tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    [row] = predictor.predict_paths(tmp_path / "empty.jpg")
+    assert not row.ok
+    for ask in (lambda: row.label, lambda: row.probability, lambda: row.top_k(3)):
+        with pytest.raises(InputError, match=r"empty.jpg has no prediction: .*empty"):
+            ask()
 
 
 def test_skip_mode_keeps_the_good_inputs_and_lists_the_bad(predictor, few_colour_image, tmp_path):

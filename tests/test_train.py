@@ -157,12 +157,24 @@ def test_huge_learning_rate_stops_with_a_clear_error(tmp_path, learnable_data):
     ({"epochs": 0}, "epochs must be a positive integer"),
     ({"optimizer": "lion"}, "unknown optimizer 'lion'"),
     ({"num_devices": 64}, "num_devices 64 is not available"),
+    ({"num_devices": "2"}, "num_devices must be a positive integer, got '2'"),
+    ({"model": ["model0"]}, r"unknown model \['model0'\]"),
+    ({"standardize": "no"}, "standardize must be true or false, got 'no'"),
+    ({"resume": "no"}, "resume must be true or false, got 'no'"),
+    ({"data_dir": 123}, "data_dir must be a folder path, got 123"),
 ])
 def test_invalid_config_fails_before_any_compute(tmp_path, overrides, message, monkeypatch):
     monkeypatch.setattr(train_module, "load_cifar10", lambda *a, **k: pytest.fail("data was loaded"))
     with pytest.raises(ConfigError, match=message):
         train(quick_config(tmp_path, **overrides))
     assert not (tmp_path / "run").exists()
+
+
+def test_folders_may_be_given_as_paths(tmp_path, learnable_data):
+    result = train(quick_config(tmp_path, epochs=1, workdir=tmp_path / "run", data_dir=tmp_path / "data"))
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (saved["workdir"], saved["data_dir"]) == (str(tmp_path / "run"), str(tmp_path / "data"))
+    assert [row["epoch"] for row in result.history] == [1]
 
 
 def test_workdir_of_a_different_run_is_refused(tmp_path, learnable_data):
