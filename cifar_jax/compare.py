@@ -535,6 +535,11 @@ def compare(base_config: TrainConfig, grid: Mapping[str, Any], out_dir: Optional
     OUT_DIR/runs/NAME (OUT_DIR defaults to base_config.workdir); finished ones are skipped, interrupted ones
     resumed, failed ones recorded with their error. Writes OUT_DIR/results.csv, results.md and test_curves.png.
     """
+    if not isinstance(base_config, TrainConfig):
+        raise ConfigError(f"compare() takes a TrainConfig as its base, got {type(base_config).__name__}")
+    if not isinstance(grid, Mapping):
+        raise ConfigError(f"the grid must map config fields to lists of values, e.g. {{'learning_rate': [1e-3, 1e-2]}}, "
+                          f"got {type(grid).__name__}")
     folder = out_dir or base_config.workdir
     if not folder:
         raise ConfigError("give the comparison folder: --out DIR on the command line, out_dir=DIR from Python")

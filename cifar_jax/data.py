@@ -20,7 +20,7 @@ import urllib.request
 import warnings
 import zlib
 from pathlib import Path, PurePosixPath
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import jax.numpy as jnp
 import numpy as np
@@ -55,6 +55,25 @@ class Cifar10:
     test_labels: np.ndarray
     class_names: tuple = CLASS_NAMES
     source: str = ""  # where the arrays came from, for reports: "tfds:<dir>", "archive:<path>", SYNTHETIC_SOURCE
+
+
+def check_dataset(dataset: Any, needs: str = "test") -> Cifar10:
+    """A data set handed in from Python, checked as the loaders check theirs: a Cifar10 of uint8 NHWC 32×32 RGB
+    images with labels 0-9 and at least one example in the `needs` split."""
+    if not isinstance(dataset, Cifar10):
+        raise DataError(f"expected a cifar_jax.data.Cifar10, got {type(dataset).__name__}: build one with "
+                        "Cifar10(train_images, train_labels, test_images, test_labels), or load_cifar10(...)")
+    images, labels = getattr(dataset, f"{needs}_images"), getattr(dataset, f"{needs}_labels")
+    if images.dtype != np.uint8 or images.shape[1:] != (32, 32, 3) or len(images) != len(labels):
+        raise DataError(f"the data set's {needs} images are {images.dtype} {images.shape} for {len(labels)} labels: "
+                        "expected uint8 (N, 32, 32, 3), one label each")
+    if not len(labels):
+        raise DataError(f"the data set has no {needs} images")
+    labels = np.asarray(labels)
+    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= len(CLASS_NAMES):
+        raise DataError(f"the data set's {needs} labels must be class ids 0-9, got {labels.dtype} from "
+                        f"{labels.min()} to {labels.max()}")
+    return dataset
 
 
 def fingerprint(dataset: Cifar10) -> dict:

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from cifar_jax import checkpoint, parallel
-from cifar_jax.data import Cifar10, load_cifar10
+from cifar_jax.data import Cifar10, check_dataset, load_cifar10
 from cifar_jax.train import Evaluator, abstract_params, init_params, loss_and_accuracy
 
 DEFAULT_EVAL_BATCH_SIZE = 1000  # used when a checkpoint's config does not say
@@ -154,7 +154,7 @@ def evaluate(workdir: str | Path, step: str | int = "best", dataset: Optional[Ci
              data: Optional[str] = None) -> EvaluationResult:
     """Evaluate one checkpoint of a run on all its test images (the run's own dataset unless one is given)."""
     restored = restore_run(workdir, step)
-    dataset = dataset if dataset is not None else dataset_for(restored.metadata, data_dir, data)
+    dataset = check_dataset(dataset) if dataset is not None else dataset_for(restored.metadata, data_dir, data)
     return evaluate_restored(restored, dataset, num_devices)
 
 

@@ -321,6 +321,9 @@ def restore_or_init(config: TrainConfig, manager, optimizer,
 
 def train(config: TrainConfig) -> TrainResult:
     """Train (or resume) a run as configured; returns the per-epoch history, the workdir and the final params."""
+    if not isinstance(config, TrainConfig):
+        raise ConfigError(f"train() takes a TrainConfig, got {type(config).__name__}: "
+                          "TrainConfig(model=..., ...) or TrainConfig.from_dict(values)")
     run_started = time.perf_counter()
     config = config.with_workdir().resolved()
     devices = parallel.DeviceSet.select(config.num_devices)

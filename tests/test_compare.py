@@ -239,6 +239,12 @@ def test_a_grid_that_leaves_out_earlier_runs_is_refused_but_one_that_grows_is_no
     check_out_dir(runs, out)  # a grown grid keeps every earlier row: accepted
 
 
+def test_a_grid_that_is_not_a_mapping_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="the grid must map config fields to lists of values, .* got list"):
+        compare(TrainConfig(), [("learning_rate", [1e-3])], tmp_path / "cmp")
+    assert not (tmp_path / "cmp").exists()
+
+
 def test_an_out_path_that_is_a_file_is_refused(tmp_path, capsys):
     (tmp_path / "notes").write_text("keep me")
     assert main(["compare", "--models", "model0", "--data", "synthetic", "--out", str(tmp_path / "notes")]) == 2

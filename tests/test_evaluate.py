@@ -1,4 +1,5 @@
 """Evaluation: the counting on hand-made examples, then a trained run evaluated on every test image."""
+import dataclasses
 import json
 
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 
 from cifar_jax import TrainConfig, cli, train
 from cifar_jax.data import CLASS_NAMES
-from cifar_jax.errors import CheckpointError
+from cifar_jax.errors import CheckpointError, DataError
 from cifar_jax.evaluate import (confusion_matrix, eval_batch_size, evaluate, format_result, most_confused_pairs,
                                 per_class_metrics)
 from cifar_fixtures import write_binary_archive
@@ -136,3 +137,14 @@ def test_cli_evaluate_without_checkpoints_is_one_clear_line(tmp_path, capsys):
 def test_a_wrong_workdir_or_step_is_a_checkpoint_error(trained_run, workdir, step, message):
     with pytest.raises(CheckpointError, match=message):
         evaluate(trained_run.workdir if workdir == "run" else workdir, step=step)
+
+
+def test_a_data_set_from_python_is_checked(trained_run):
+    dataset = class_coloured_dataset(num_train=8, num_test=8)
+    with pytest.raises(DataError, match="expected a cifar_jax.data.Cifar10, got ndarray"):
+        evaluate(trained_run.workdir, dataset=dataset.test_images)
+    with pytest.raises(DataError, match="test labels must be class ids 0-9, got int32 from 12 to 12"):
+        evaluate(trained_run.workdir, dataset=dataclasses.replace(dataset, test_labels=np.full(8, 12, np.int32)))
+    with pytest.raises(DataError, match="the data set has no test images"):
+        evaluate(trained_run.workdir, dataset=dataclasses.replace(dataset, test_images=dataset.test_images[:0],
+                                                                  test_labels=dataset.test_labels[:0]))

@@ -170,6 +170,11 @@ def test_invalid_config_fails_before_any_compute(tmp_path, overrides, message, m
     assert not (tmp_path / "run").exists()
 
 
+def test_train_takes_a_config_object():
+    with pytest.raises(ConfigError, match="train\\(\\) takes a TrainConfig, got dict: .*TrainConfig.from_dict"):
+        train({"model": "model0"})
+
+
 def test_folders_may_be_given_as_paths(tmp_path, learnable_data):
     result = train(quick_config(tmp_path, epochs=1, workdir=tmp_path / "run", data_dir=tmp_path / "data"))
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
