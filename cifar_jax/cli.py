@@ -299,15 +299,20 @@ def without_stack_trace(record: logging.LogRecord) -> bool:
     return True
 
 
+def speak_in_one_line_per_problem() -> None:
+    """A command's warnings, Orbax's log lines and late library callbacks print as single lines, not stack traces."""
+    warnings.formatwarning = one_line_warning
+    sys.unraisablehook = ignore_late_async_callbacks
+    logging.getLogger("absl").addFilter(without_stack_trace)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # what a multi-process run's supervisor hands on to its worker
     if getattr(args, "cache_compilations", True):
         enable_compilation_cache()
-    warnings.formatwarning = one_line_warning
-    sys.unraisablehook = ignore_late_async_callbacks
-    logging.getLogger("absl").addFilter(without_stack_trace)
+    speak_in_one_line_per_problem()
     try:
         return args.handler(args)
     except CifarJaxError as error:
