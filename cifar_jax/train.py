@@ -259,8 +259,8 @@ def checkpoint_metadata(config: TrainConfig, dataset: Cifar10, epoch: int, step_
 # ---------------------------------------------------------------- the run
 
 
-def prepare_workdir(config: TrainConfig) -> Path:
-    """Create the run folder, refusing to mix this run with a different earlier one."""
+def checked_workdir(config: TrainConfig) -> Path:
+    """The run folder, refusing to mix this run with a different earlier one (created once the data has loaded)."""
     workdir = Path(config.workdir).expanduser()
     saved_config_path = workdir / "config.json"
     checkpoints = checkpoint.checkpoint_dir(workdir)
@@ -279,7 +279,6 @@ def prepare_workdir(config: TrainConfig) -> Path:
     if has_checkpoints and not config.resume:
         raise ConfigError(f"{workdir} already has checkpoints and --no-resume was given: "
                           "choose a new --workdir, or drop --no-resume to continue that run")
-    workdir.mkdir(parents=True, exist_ok=True)
     return workdir
 
 
@@ -328,8 +327,9 @@ def train(config: TrainConfig) -> TrainResult:
     config = config.with_workdir().resolved()
     devices = parallel.DeviceSet.select(config.num_devices)
     config.check_devices(devices.global_count)
-    workdir = prepare_workdir(config)
+    workdir = checked_workdir(config)
     dataset = load_cifar10(config.data_dir, config.data)
+    workdir.mkdir(parents=True, exist_ok=True)  # only now: a run that cannot start leaves no empty folder behind
     optimizer = create_optimizer(config, optim.steps_per_epoch(len(dataset.train_labels), config.batch_size))
     with checkpoint.managed(workdir, keep_latest=config.keep_checkpoints) as manager:
         graphdef, state, running, position = restore_or_init(config, manager, optimizer, dataset)

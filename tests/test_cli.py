@@ -109,7 +109,7 @@ def test_only_late_event_loop_callbacks_are_silenced(monkeypatch):
 FAILING_SAVE = """
 import importlib, pathlib, sys
 train_module = importlib.import_module("cifar_jax.train")
-train_module.prepare_workdir = lambda config: pathlib.Path(config.workdir)  # let the file below stand in the way
+train_module.checked_workdir = lambda config: pathlib.Path(config.workdir)  # let the file below stand in the way
 from cifar_jax import cli
 sys.exit(cli.main(sys.argv[1:]))
 """

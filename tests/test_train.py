@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cifar_jax import TrainConfig, train
-from cifar_jax.errors import ConfigError, TrainingDivergedError
+from cifar_jax.errors import ConfigError, DataError, TrainingDivergedError
 from cifar_jax.parallel import MAX_QUEUED_PROGRAMS, DeviceSet, wait_if_queue_full
 from cifar_jax.train import Evaluator, all_finite, epoch_order, init_params, apply_model, padded_eval_batches
 from learnable import class_coloured_dataset
@@ -168,6 +168,16 @@ def test_invalid_config_fails_before_any_compute(tmp_path, overrides, message, m
     with pytest.raises(ConfigError, match=message):
         train(quick_config(tmp_path, **overrides))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_whose_data_is_missing_leaves_no_folder_behind(tmp_path, monkeypatch):
+    def missing(*args, **kwargs):
+        raise DataError("no CIFAR-10 archive in /nowhere")
+
+    monkeypatch.setattr(train_module, "load_cifar10", missing)
+    with pytest.raises(DataError, match="no CIFAR-10 archive"):
+        train(quick_config(tmp_path, workdir=str(tmp_path / "runs" / "new")))
+    assert not (tmp_path / "runs").exists()
 
 
 def test_train_takes_a_config_object():
