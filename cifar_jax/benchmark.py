@@ -110,8 +110,7 @@ def time_training(config: TrainConfig, dataset: Cifar10, devices: parallel.Devic
     def run_steps(first: int, count: int):
         for index in range(first, first + count):
             carry[0], carry[1] = compiled(carry[0], carry[1], images, labels, batch(index))
-            if (index + 1) % parallel.MAX_QUEUED_PROGRAMS == 0:  # as the training loop does
-                jax.block_until_ready(carry[0])
+            parallel.wait_every_few_programs(index + 1, carry[0])  # as the training loop does
         return carry[0]
 
     jax.block_until_ready(run_steps(0, WARMUP_STEPS))

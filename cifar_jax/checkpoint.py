@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from cifar_jax import distributed, parallel
+from cifar_jax.config import is_whole_number
 from cifar_jax.distributed import first_line
 from cifar_jax.errors import CheckpointError, CheckpointSaveError, CifarJaxError
 
@@ -197,7 +198,7 @@ def resolve_step(manager: ocp.CheckpointManager, step: str | int) -> int:
         best = manager.best_step()
         return max(steps) if best is None else best
     # A step number: an int, or its digits (from the command line); 8.9 or True are not steps.
-    is_number = (isinstance(step, int) and not isinstance(step, bool)) or (isinstance(step, str) and step.isdigit())
+    is_number = is_whole_number(step) or (isinstance(step, str) and step.isdigit())
     if not is_number:
         raise CheckpointError(f"step must be 'best', 'latest' or a whole step number, got {step!r}")
     number = int(step)

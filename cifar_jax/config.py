@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
+
 from cifar_jax.augment import PAD_MODES
 from cifar_jax.data import DATA_SOURCES
 from cifar_jax.errors import ConfigError
@@ -126,14 +128,14 @@ class TrainConfig:
         positive_ints = ("epochs", "batch_size", "eval_batch_size", "checkpoint_every", "keep_checkpoints")
         for name in positive_ints:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_whole_number(value) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         for name in ("workdir", "data_dir"):
             if not isinstance(getattr(self, name), (str, os.PathLike, type(None))):
                 raise ConfigError(f"{name} must be a folder path, got {getattr(self, name)!r}")
-        if self.num_devices is not None and (not _is_int(self.num_devices) or self.num_devices < 1):
+        if self.num_devices is not None and (not is_whole_number(self.num_devices) or self.num_devices < 1):
             raise ConfigError(f"num_devices must be a positive integer, got {self.num_devices!r}")
-        if not _is_int(self.seed) or self.seed < 0:
+        if not is_whole_number(self.seed) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
         rate = self.learning_rate
         if rate is not None and not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0):
@@ -169,11 +171,11 @@ class TrainConfig:
 
     def _validate_augmentation(self) -> None:
         max_padding = IMAGE_SHAPE[0] // 2
-        if not (_is_int(self.crop_padding) and 0 <= self.crop_padding <= max_padding):
+        if not (is_whole_number(self.crop_padding) and 0 <= self.crop_padding <= max_padding):
             raise ConfigError(f"crop_padding must be an integer from 0 to {max_padding}, got {self.crop_padding!r}")
         if self.pad_mode not in PAD_MODES:
             raise ConfigError(f"unknown pad_mode {self.pad_mode!r}: choose one of {', '.join(PAD_MODES)}")
-        if not (_is_int(self.cutout) and 0 <= self.cutout <= IMAGE_SHAPE[0]):
+        if not (is_whole_number(self.cutout) and 0 <= self.cutout <= IMAGE_SHAPE[0]):
             raise ConfigError(f"cutout must be an integer from 0 to {IMAGE_SHAPE[0]} (0 = off), got {self.cutout!r}")
         if self.cutout and not self.augment:
             raise ConfigError(f"cutout {self.cutout} only applies to augmented images: add --augment, or drop --cutout")
@@ -222,8 +224,9 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def is_whole_number(value: Any) -> bool:
+    """A Python or numpy integer, not a bool (True would pass as 1) and not a float such as 8.0."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 # Fields that define what a run computes: resuming with a different value would silently mix two runs.

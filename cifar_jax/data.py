@@ -7,6 +7,7 @@ the jitted step. The official archives are parsed with numpy alone: no TensorFlo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import http.client
 import io
@@ -56,6 +57,17 @@ class Cifar10:
     class_names: tuple = CLASS_NAMES
     source: str = ""  # where the arrays came from, for reports: "tfds:<dir>", "archive:<path>", SYNTHETIC_SOURCE
 
+    @functools.cached_property  # computed once per data set, though every checkpoint records it
+    def fingerprint(self) -> dict:
+        """What identifies the contents whatever their order or where they were read from: image counts, train
+        images per class, and pixel sums (a run resumed on other data would silently mix two data sets)."""
+        return {
+            "train_images": len(self.train_labels),
+            "test_images": len(self.test_labels),
+            "train_per_class": np.bincount(self.train_labels, minlength=len(CLASS_NAMES)).tolist(),
+            "pixel_sums": [int(self.train_images.sum(dtype=np.uint64)), int(self.test_images.sum(dtype=np.uint64))],
+        }
+
 
 def check_dataset(dataset: Any, needs: str = "test") -> Cifar10:
     """A data set handed in from Python, checked as the loaders check theirs: a Cifar10 of uint8 NHWC 32×32 RGB
@@ -74,17 +86,6 @@ def check_dataset(dataset: Any, needs: str = "test") -> Cifar10:
         raise DataError(f"the data set's {needs} labels must be class ids 0-9, got {labels.dtype} from "
                         f"{labels.min()} to {labels.max()}")
     return dataset
-
-
-def fingerprint(dataset: Cifar10) -> dict:
-    """What identifies a data set's contents whatever its order or where it was read from: image counts, train
-    images per class, and pixel sums (a run resumed on other data would silently mix two data sets)."""
-    return {
-        "train_images": len(dataset.train_labels),
-        "test_images": len(dataset.test_labels),
-        "train_per_class": np.bincount(dataset.train_labels, minlength=len(CLASS_NAMES)).tolist(),
-        "pixel_sums": [int(dataset.train_images.sum(dtype=np.uint64)), int(dataset.test_images.sum(dtype=np.uint64))],
-    }
 
 
 def default_data_dir() -> Path:

@@ -19,6 +19,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from cifar_jax.config import is_whole_number
 from cifar_jax.errors import ConfigError
 
 AXIS_NAME = "devices"  # the mesh axis that gradients and metrics are averaged over
@@ -47,7 +48,7 @@ class DeviceSet:
             # Process by process, so process p's devices hold rows p*L ... p*L+L-1 of every batch (L local devices).
             everyone = tuple(sorted(jax.devices(), key=lambda d: (d.process_index, d.id)))
             return cls(everyone, tuple(jax.local_devices()))
-        if isinstance(num_devices, bool) or not isinstance(num_devices, (int, np.integer)):
+        if not is_whole_number(num_devices):
             raise ConfigError(f"num_devices must be a whole number of devices, got {num_devices!r}")
         available = jax.local_device_count()
         if jax.process_count() > 1:
@@ -125,6 +126,13 @@ def unreplicate(tree: Any) -> Any:
     """
     return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x),
                         tree)
+
+
+def wait_every_few_programs(programs_queued: int, latest: Any) -> None:
+    """For a loop that keeps only its newest output (donated state): every MAX_QUEUED_PROGRAMS programs, wait for
+    it, so no more than that run ahead of the devices."""
+    if programs_queued % MAX_QUEUED_PROGRAMS == 0:
+        jax.block_until_ready(latest)
 
 
 def wait_if_queue_full(launched: Sequence[Any]) -> None:

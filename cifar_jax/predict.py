@@ -27,6 +27,7 @@ from flax import nnx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cifar_jax import checkpoint
+from cifar_jax.config import is_whole_number
 from cifar_jax.data import CIFAR10_MEAN, CIFAR10_STD, normalize_images
 from cifar_jax.errors import CheckpointError, InputError
 from cifar_jax.models import IMAGE_SHAPE
@@ -49,13 +50,9 @@ ImageInput = Union[np.ndarray, str, os.PathLike, Image.Image]
 # ---------------------------------------------------------------- results
 
 
-def _is_whole(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def top_classes(probabilities: np.ndarray, class_names: Sequence[str], k: int) -> list[tuple[str, float]]:
     """The k most likely (class name, probability) pairs of one image, most likely first."""
-    if not _is_whole(k) or k < 1:
+    if not is_whole_number(k) or k < 1:
         raise InputError(f"k must be a whole number of classes, at least 1, got {k!r}")
     order = np.argsort(-probabilities, kind="stable")[:k]
     return [(class_names[i], float(probabilities[i])) for i in order]
@@ -99,11 +96,14 @@ class ImagePrediction:
     def ok(self) -> bool:
         return self.error is None
 
-    @property
-    def class_id(self) -> int:
+    def _predicted(self) -> np.ndarray:
         if not self.ok:
             raise InputError(f"{self.path} has no prediction: {self.error}")
-        return int(self.probabilities.argmax())
+        return self.probabilities
+
+    @property
+    def class_id(self) -> int:
+        return int(self._predicted().argmax())
 
     @property
     def label(self) -> str:
@@ -114,8 +114,7 @@ class ImagePrediction:
         return float(self.probabilities[self.class_id])
 
     def top_k(self, k: int = 3) -> list[tuple[str, float]]:
-        self.class_id  # noqa: B018  (raises the image's own error when it has no prediction)
-        return top_classes(self.probabilities, self.classes, k)
+        return top_classes(self._predicted(), self.classes, k)
 
     def to_json(self, k: int = 3) -> dict:
         """The CLI's --json record: path, label, probability, top_k as [name, probability] pairs; or path, error."""
@@ -351,7 +350,7 @@ class Predictor:
                  batch_size: int = DEFAULT_BATCH_SIZE, devices: Optional[DeviceSet] = None,
                  metadata: Optional[dict] = None, step: Optional[int] = None):
         self.devices = devices or DeviceSet.select()
-        if not _is_whole(batch_size) or batch_size < 1:
+        if not is_whole_number(batch_size) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         # A whole number per device; the batch size only changes speed, never results, so round up quietly.
         self.batch_size = math.ceil(batch_size / self.devices.global_count) * self.devices.global_count
@@ -439,7 +438,7 @@ class Predictor:
         errors="skip" (default) yields a result with `error` set for a bad file and goes on; "raise" stops there.
         """
         _check_errors_mode(errors)
-        if batch_size is not None and (not _is_whole(batch_size) or batch_size < 1):
+        if batch_size is not None and (not is_whole_number(batch_size) or batch_size < 1):
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         previous = None
         for chunk in _chunks(image_files(paths_or_directory), batch_size or self.batch_size):

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from cifar_jax import checkpoint, distributed, optim, parallel
 from cifar_jax.augment import Augmentation, augment_batch, augmentation_for, example_keys
 from cifar_jax.config import TrainConfig, conflicting_fields
-from cifar_jax.data import (CIFAR10_MEAN, CIFAR10_STD, CLASS_NAMES, Cifar10, fingerprint, load_cifar10,
+from cifar_jax.data import (CIFAR10_MEAN, CIFAR10_STD, CLASS_NAMES, Cifar10, load_cifar10,
                             normalize_images)
 from cifar_jax.errors import CheckpointError, ConfigError, TrainingDivergedError
 from cifar_jax.models import create_model
@@ -252,7 +252,7 @@ def checkpoint_metadata(config: TrainConfig, dataset: Cifar10, epoch: int, step_
         "metrics": history[-1] if history and step_in_epoch == 0 else None,
         "history": history,
         "data_source": dataset.source,
-        "data_fingerprint": fingerprint(dataset),
+        "data_fingerprint": dataset.fingerprint,
     }
 
 
@@ -303,7 +303,7 @@ def restore_or_init(config: TrainConfig, manager, optimizer,
         raise CheckpointError(f"{manager.directory} holds checkpoints of {latest.get('model')}, not {config.model}: "
                               "use a new --workdir for a different model")
     trained_on = latest.get("data_fingerprint")  # absent in checkpoints saved before it was recorded
-    if trained_on is not None and trained_on != fingerprint(dataset):
+    if trained_on is not None and trained_on != dataset.fingerprint:
         raise CheckpointError(f"{manager.directory} was trained on other data ({latest.get('data_source')}, "
                               f"{trained_on['train_images']} training images) than {dataset.source} "
                               f"({len(dataset.train_labels)}): resume it with its own --data and --data-dir, or "
@@ -371,8 +371,7 @@ def _run_epochs(config, workdir, dataset: Cifar10, devices: parallel.DeviceSet, 
         for step_in_epoch in range(first_step, steps_per_epoch):
             batch = order[step_in_epoch * config.batch_size:(step_in_epoch + 1) * config.batch_size]
             state, running = train_step(state, running, train_images, train_labels, devices.split(batch))
-            if (step_in_epoch + 1) % parallel.MAX_QUEUED_PROGRAMS == 0:
-                jax.block_until_ready(state)  # the state is donated each step: wait for the newest
+            parallel.wait_every_few_programs(step_in_epoch + 1, state)
             if run_started is not None:  # the start-up figure: data load, restore and compile, then one step
                 jax.block_until_ready(state)
                 if parallel.is_main_process():
