@@ -4,18 +4,24 @@ YNNPACK convolution fusions (XLA:CPU's default in jax 0.10) ran each convolution
 model0's train step on 2 cores showed the two threads busy half the time each. With convolutions left to XLA's own
 multi-threaded kernels (YNNPACK kept for dots), training ran 1.3x faster at model0 b128 (4,579 · 5,347 -> 6,820 ·
 7,080 img/s) and evaluation 1.2x (interleaved A/B, `cifar-jax benchmark`, README). Only CPU flags: GPUs and TPUs
-ignore them. A user's own setting of the same flag wins.
+ignore them. A user's own setting of the same flag wins. XLA aborts on a flag it does not know, and this one is
+experimental, so it is added only for the jaxlib series it was measured with.
 """
 from __future__ import annotations
 
 import os
-from typing import MutableMapping
+from importlib import metadata
+from typing import MutableMapping, Optional
 
 CPU_DEFAULTS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+MEASURED_JAXLIB_SERIES = "0.10."
 
 
-def with_cpu_defaults(xla_flags: str) -> str:
-    """`xla_flags` plus each default flag it does not already set."""
+def with_cpu_defaults(xla_flags: str, jaxlib_version: Optional[str] = None) -> str:
+    """`xla_flags` plus each default flag it does not already set (nothing added for other jaxlib series)."""
+    jaxlib_version = jaxlib_version or metadata.version("jaxlib")
+    if not jaxlib_version.startswith(MEASURED_JAXLIB_SERIES):
+        return xla_flags
     given = {flag.lstrip("-").split("=", 1)[0] for flag in xla_flags.split()}
     added = [f"--{name}={value}" for name, value in CPU_DEFAULTS.items() if name not in given]
     return " ".join([xla_flags.strip(), *added]).strip()

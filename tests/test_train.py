@@ -232,8 +232,12 @@ def test_model2_preset_is_sgd_at_0_01():
 
 def test_xla_cpu_defaults_are_added_unless_the_user_set_them():
     ynn = "--xla_cpu_experimental_ynn_fusion_type="
-    assert xla_flags.with_cpu_defaults("") == ynn + "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
-    assert xla_flags.with_cpu_defaults("--xla_force_host_platform_device_count=4") == (
+    assert xla_flags.with_cpu_defaults("", jaxlib_version="0.10.2") == ynn + "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+    assert xla_flags.with_cpu_defaults("--xla_force_host_platform_device_count=4", jaxlib_version="0.10.2") == (
         "--xla_force_host_platform_device_count=4 " + ynn + "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT")
-    assert xla_flags.with_cpu_defaults(ynn + "LIBRARY_FUSION_TYPE_DOT") == ynn + "LIBRARY_FUSION_TYPE_DOT"
-    assert ynn + "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT" in os.environ["XLA_FLAGS"]  # importing cifar_jax added it
+    assert xla_flags.with_cpu_defaults(ynn + "LIBRARY_FUSION_TYPE_DOT", jaxlib_version="0.10.2") == ynn + "LIBRARY_FUSION_TYPE_DOT"
+    # XLA aborts on flags it does not know: another jaxlib series gets none.
+    assert xla_flags.with_cpu_defaults("--xla_force_host_platform_device_count=4", jaxlib_version="0.11.0") == (
+        "--xla_force_host_platform_device_count=4")
+    # Importing cifar_jax already added whatever applies to the installed jaxlib.
+    assert xla_flags.with_cpu_defaults(os.environ["XLA_FLAGS"]) == os.environ["XLA_FLAGS"]
