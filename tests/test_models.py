@@ -1,4 +1,5 @@
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -31,6 +32,25 @@ def test_fast_max_pool_equals_flax_max_pool_on_odd_sizes():
     images = jax.random.normal(jax.random.key(0), (2, 13, 15, 4))
     np.testing.assert_array_equal(max_pool_2x2(images), nnx.max_pool(images, (2, 2), strides=(2, 2)))
     assert max_pool_2x2(images).shape == (2, 6, 7, 4)
+
+
+def test_max_pool_gradient_equals_flax_max_pool_gradient_without_ties():
+    images = jax.random.normal(jax.random.key(0), (2, 13, 15, 4))
+    cotangent = jax.random.normal(jax.random.key(1), (2, 6, 7, 4))
+    ours = jax.grad(lambda x: (max_pool_2x2(x) * cotangent).sum())(images)
+    flax_grad = jax.grad(lambda x: (nnx.max_pool(x, (2, 2), strides=(2, 2)) * cotangent).sum())(images)
+    np.testing.assert_array_equal(ours, flax_grad)
+    assert not np.asarray(ours)[:, 12, :, :].any() and not np.asarray(ours)[:, :, 14, :].any()  # dropped odd edges
+    per_example = jax.jit(jax.vmap(jax.grad(lambda x, c: (max_pool_2x2(x) * c).sum())))  # as in the train step
+    np.testing.assert_array_equal(per_example(images[:, None], cotangent[:, None])[:, 0], ours)
+
+
+def test_max_pool_gradient_goes_to_the_first_maximum_of_a_window_like_keras():
+    window = np.array([[1.0, 3.0], [3.0, 3.0]], np.float32).reshape(1, 2, 2, 1)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        grad = jax.grad(lambda x: max_pool_2x2(x).sum())(jnp.asarray(window, dtype))
+        assert grad.dtype == dtype
+        np.testing.assert_array_equal(np.asarray(grad, np.float32).reshape(2, 2), [[0, 1], [0, 0]])
 
 
 def test_same_seed_same_parameters_and_other_seed_differs():

@@ -26,7 +26,13 @@ REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 150  # seconds any one subprocess may take before the test fails instead of hanging CI
 HEARTBEAT_TIMEOUT = 10  # seconds before JAX declares a silent peer dead
 STEPS_PER_EPOCH = 16  # 512 training images of the learnable archive at batch 32
-RUN_FLAGS = ["--model", "model0", "--batch-size", "32", "--eval-batch-size", "100", "--no-progress"]
+# SGD: its update is linear in the gradient, so the float rounding of 2x2-device sums against 4-device sums stays
+# ~1e-8. Adam's m/sqrt(v) blows that rounding up where a gradient is near zero (1e-4 after one epoch), and it is
+# blind to a wrong device average (a sum instead of a mean scales m and sqrt(v) alike). At 0.02: at 0.05 this
+# problem's training is chaotic enough to grow 1e-8 into 2e-3 in an epoch.
+SGD = dict(optimizer="sgd", learning_rate=0.02)
+RUN_FLAGS = ["--model", "model0", "--batch-size", "32", "--eval-batch-size", "100", "--no-progress",
+             "--optimizer", SGD["optimizer"], "--learning-rate", str(SGD["learning_rate"])]
 
 
 def free_port() -> int:
@@ -69,12 +75,13 @@ def params_at(workdir: Path, step) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def one_process_run(trained_run):
-    """The reference: this process alone on its four devices, the same model, data, batch and seed, two epochs."""
-    saved = TrainConfig.load(trained_run.workdir / "config.json")
-    assert (saved.model, saved.batch_size, saved.eval_batch_size, saved.seed) == ("model0", 32, 100, 0)
-    assert trained_run.history[-1]["epoch"] == 2 and jax.local_device_count() == 4
-    return trained_run
+def one_process_run(learnable_data_dir, tmp_path_factory):
+    """The reference: this process alone on its four devices, the same model, data, settings and seed, two epochs."""
+    assert jax.local_device_count() == 4
+    config = TrainConfig(model="model0", epochs=2, batch_size=32, eval_batch_size=100, progress=False,
+                         data_dir=str(learnable_data_dir), **SGD,
+                         workdir=str(tmp_path_factory.mktemp("runs") / "one-process"))
+    return train(config)
 
 
 # ---------------------------------------------------------------- several real processes
@@ -141,8 +148,9 @@ def test_a_killed_process_stops_the_other_and_the_run_resumes_on_one_process(lea
     assert [row["epoch"] for row in resumed.history] == [1, 2]
     assert resumed.history[1]["test_accuracy"] == one_process_run.history[1]["test_accuracy"]
     assert resumed.history[1]["train_loss"] == pytest.approx(one_process_run.history[1]["train_loss"], abs=1e-4)
-    # Float rounding of the 2x2-device sums (<1e-6 after one epoch) grows through another epoch of Adam.
-    assert np.abs(params_at(workdir, "latest") - params_at(reference, 2 * STEPS_PER_EPOCH)).max() <= 1e-4
+    # The class-coloured images are flat, so their max-pool windows tie: a 3e-8 difference at the checkpoint flips
+    # which pixel of a window gets the gradient, and grows to ~1e-4 through another epoch.
+    assert np.abs(params_at(workdir, "latest") - params_at(reference, 2 * STEPS_PER_EPOCH)).max() <= 1e-3
 
 
 def test_a_run_started_on_some_devices_resumes_on_several_processes(learnable_data_dir, tmp_path, one_process_run):
