@@ -45,6 +45,23 @@ def test_max_pool_gradient_equals_flax_max_pool_gradient_without_ties():
     np.testing.assert_array_equal(per_example(images[:, None], cotangent[:, None])[:, 0], ours)
 
 
+def test_max_pool_forward_mode_equals_flax_max_pool_without_ties():
+    images = jax.random.normal(jax.random.key(0), (2, 13, 15, 4))
+    tangent = jax.random.normal(jax.random.key(1), images.shape)
+    ours = jax.jvp(max_pool_2x2, (images,), (tangent,))
+    flax_jvp = jax.jvp(lambda x: nnx.max_pool(x, (2, 2), strides=(2, 2)), (images,), (tangent,))
+    np.testing.assert_array_equal(ours[0], flax_jvp[0])
+    np.testing.assert_array_equal(ours[1], flax_jvp[1])
+    # Forward over reverse mode through a whole model: a Hessian-vector product is finite and not all zero.
+    model = create_model("model0")
+    params = nnx.state(model, nnx.Param)
+    model_inputs = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
+    loss = lambda p: nnx.merge(nnx.graphdef(model), p)(model_inputs).sum()
+    hvp = jax.jvp(jax.grad(loss), (params,), (params,))[1]
+    leaves = np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(hvp)])
+    assert np.isfinite(leaves).all() and np.abs(leaves).max() > 0
+
+
 def test_max_pool_gradient_goes_to_the_first_maximum_of_a_window_like_keras():
     window = np.array([[1.0, 3.0], [3.0, 3.0]], np.float32).reshape(1, 2, 2, 1)
     for dtype in (jnp.float32, jnp.bfloat16):
