@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cifar_jax import optim, parallel
-from cifar_jax.config import TrainConfig
+from cifar_jax.config import TrainConfig, is_whole_number
 from cifar_jax.errors import ConfigError
 from cifar_jax.data import CLASS_NAMES, Cifar10, load_cifar10
 from cifar_jax.predict import DEFAULT_BATCH_SIZE, Predictor
@@ -44,7 +44,7 @@ class BenchmarkSettings:
         if not (math.isfinite(self.epochs) and self.epochs > 0):
             raise ConfigError(f"--epochs must be a positive number of epochs to time, got {self.epochs!r}")
         for name in ("windows", "inference_repeats") + (("max_steps",) if self.max_steps is not None else ()):
-            if getattr(self, name) < 1:
+            if not is_whole_number(getattr(self, name)) or getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)!r}")
 
 

@@ -328,6 +328,11 @@ def make_probabilities_step(graphdef: nnx.GraphDef, standardize: bool) -> Callab
     return probabilities_step
 
 
+def _check_batch_size(batch_size: Any) -> None:
+    if not is_whole_number(batch_size) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
 def _check_errors_mode(errors: str) -> None:
     if errors not in ERROR_MODES:
         raise InputError(f"errors must be 'raise' or 'skip', got {errors!r}")
@@ -350,8 +355,7 @@ class Predictor:
                  batch_size: int = DEFAULT_BATCH_SIZE, devices: Optional[DeviceSet] = None,
                  metadata: Optional[dict] = None, step: Optional[int] = None):
         self.devices = devices or DeviceSet.select()
-        if not is_whole_number(batch_size) or batch_size < 1:
-            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        _check_batch_size(batch_size)
         # A whole number per device; the batch size only changes speed, never results, so round up quietly.
         self.batch_size = math.ceil(batch_size / self.devices.global_count) * self.devices.global_count
         self.class_names = tuple(class_names)
@@ -438,8 +442,8 @@ class Predictor:
         errors="skip" (default) yields a result with `error` set for a bad file and goes on; "raise" stops there.
         """
         _check_errors_mode(errors)
-        if batch_size is not None and (not is_whole_number(batch_size) or batch_size < 1):
-            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if batch_size is not None:
+            _check_batch_size(batch_size)
         previous = None
         for chunk in _chunks(image_files(paths_or_directory), batch_size or self.batch_size):
             decoded = [(path, _read_or_error(path)) for path in chunk]

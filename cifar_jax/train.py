@@ -24,8 +24,7 @@ from tqdm import tqdm
 from cifar_jax import checkpoint, distributed, optim, parallel
 from cifar_jax.augment import Augmentation, augment_batch, augmentation_for, example_keys
 from cifar_jax.config import TrainConfig, conflicting_fields
-from cifar_jax.data import (CIFAR10_MEAN, CIFAR10_STD, CLASS_NAMES, Cifar10, load_cifar10,
-                            normalize_images)
+from cifar_jax.data import CIFAR10_MEAN, CIFAR10_STD, CLASS_NAMES, Cifar10, load_cifar10, normalize_images
 from cifar_jax.errors import CheckpointError, ConfigError, TrainingDivergedError
 from cifar_jax.models import create_model
 from cifar_jax.optim import create_optimizer

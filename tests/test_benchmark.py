@@ -57,6 +57,14 @@ def test_settings_that_would_time_nothing_are_refused(flags, message, capsys):
     assert capsys.readouterr().err == f"cifar-jax: error: {message}\n"
 
 
+def test_python_settings_must_be_whole_numbers():
+    from cifar_jax.benchmark import BenchmarkSettings
+    from cifar_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--windows must be a positive integer, got 2.5"):
+        BenchmarkSettings(windows=2.5)
+
+
 def test_flops_per_image_match_a_hand_count(model0_benchmark):
     assert hand_counted_training_flops_per_image() == 8_405_760
     assert model0_benchmark["flops_per_image"] == pytest.approx(8_405_760, rel=0.10)
