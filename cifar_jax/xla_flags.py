@@ -19,7 +19,11 @@ MEASURED_JAXLIB_SERIES = "0.10."
 
 def with_cpu_defaults(xla_flags: str, jaxlib_version: Optional[str] = None) -> str:
     """`xla_flags` plus each default flag it does not already set (nothing added for other jaxlib series)."""
-    jaxlib_version = jaxlib_version or metadata.version("jaxlib")
+    if jaxlib_version is None:
+        try:
+            jaxlib_version = metadata.version("jaxlib")
+        except metadata.PackageNotFoundError:  # JAX itself will say what is missing, in its own words
+            return xla_flags
     if not jaxlib_version.startswith(MEASURED_JAXLIB_SERIES):
         return xla_flags
     given = {flag.lstrip("-").split("=", 1)[0] for flag in xla_flags.split()}

@@ -230,7 +230,7 @@ def test_model2_preset_is_sgd_at_0_01():
     assert dataclasses.replace(TrainConfig(model="model2"), learning_rate=0.1).resolved().learning_rate == 0.1
 
 
-def test_xla_cpu_defaults_are_added_unless_the_user_set_them():
+def test_xla_cpu_defaults_are_added_unless_the_user_set_them(monkeypatch):
     ynn = "--xla_cpu_experimental_ynn_fusion_type="
     assert xla_flags.with_cpu_defaults("", jaxlib_version="0.10.2") == ynn + "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
     assert xla_flags.with_cpu_defaults("--xla_force_host_platform_device_count=4", jaxlib_version="0.10.2") == (
@@ -239,5 +239,13 @@ def test_xla_cpu_defaults_are_added_unless_the_user_set_them():
     # XLA aborts on flags it does not know: another jaxlib series gets none.
     assert xla_flags.with_cpu_defaults("--xla_force_host_platform_device_count=4", jaxlib_version="0.11.0") == (
         "--xla_force_host_platform_device_count=4")
+    # Without jaxlib nothing is added: importing JAX then says what is missing.
+    def not_installed(name):
+        raise xla_flags.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(xla_flags.metadata, "version", not_installed)
+    assert xla_flags.with_cpu_defaults("--xla_force_host_platform_device_count=4") == (
+        "--xla_force_host_platform_device_count=4")
+    monkeypatch.undo()
     # Importing cifar_jax already added whatever applies to the installed jaxlib.
     assert xla_flags.with_cpu_defaults(os.environ["XLA_FLAGS"]) == os.environ["XLA_FLAGS"]
