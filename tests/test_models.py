@@ -5,6 +5,7 @@ import pytest
 from flax import nnx
 
 from cifar_jax.errors import ConfigError
+from cifar_jax import models
 from cifar_jax.models import MODELS, count_params, create_model, max_pool_2x2
 
 
@@ -68,6 +69,27 @@ def test_max_pool_gradient_goes_to_the_first_maximum_of_a_window_like_keras():
         grad = jax.grad(lambda x: max_pool_2x2(x).sum())(jnp.asarray(window, dtype))
         assert grad.dtype == dtype
         np.testing.assert_array_equal(np.asarray(grad, np.float32).reshape(2, 2), [[0, 1], [0, 0]])
+
+
+def test_pooling_before_the_conv_bias_and_relu_changes_neither_values_nor_gradients(monkeypatch):
+    model = create_model("model0")
+    graphdef, params = nnx.split(model, nnx.Param)
+    # Non-zero biases (they start at zero), some negative, so the order of bias, ReLU and pool matters if it can.
+    for index, conv in enumerate(params["convs"].values()):
+        conv["bias"][...] = 0.3 * jax.random.normal(jax.random.key(index), conv["bias"].shape)
+    images = jax.random.normal(jax.random.key(9), (4, 32, 32, 3))
+    loss = lambda p: nnx.merge(graphdef, p)(images).sum()
+
+    assert images.shape[0] <= models.POOL_FIRST_MAX_BATCH
+    pooled_first = nnx.merge(graphdef, params)(images), jax.grad(loss)(params)
+    monkeypatch.setattr(models, "POOL_FIRST_MAX_BATCH", 0)  # every batch adds the bias and ReLU before the pool
+    bias_first = nnx.merge(graphdef, params)(images), jax.grad(loss)(params)
+
+    np.testing.assert_array_equal(pooled_first[0], bias_first[0])
+    for ours, usual in zip(jax.tree.leaves(pooled_first[1]), jax.tree.leaves(bias_first[1])):
+        np.testing.assert_allclose(ours, usual, rtol=1e-5, atol=1e-6)
+    conv_bias_grad = np.asarray(pooled_first[1]["convs"][0]["bias"][...])
+    assert np.abs(conv_bias_grad).min() > 0
 
 
 def test_same_seed_same_parameters_and_other_seed_differs():
