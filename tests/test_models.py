@@ -78,14 +78,16 @@ def test_pooling_before_the_conv_bias_and_relu_changes_neither_values_nor_gradie
     for index, conv in enumerate(params["convs"].values()):
         conv["bias"][...] = 0.3 * jax.random.normal(jax.random.key(index), conv["bias"].shape)
     images = jax.random.normal(jax.random.key(9), (4, 32, 32, 3))
-    loss = lambda p: nnx.merge(graphdef, p)(images).sum()
+    logits = lambda p: nnx.merge(graphdef, p)(images, training=True)
+    loss = lambda p: logits(p).sum()
 
     assert images.shape[0] <= models.POOL_FIRST_MAX_BATCH
-    pooled_first = nnx.merge(graphdef, params)(images), jax.grad(loss)(params)
-    monkeypatch.setattr(models, "POOL_FIRST_MAX_BATCH", 0)  # every batch adds the bias and ReLU before the pool
-    bias_first = nnx.merge(graphdef, params)(images), jax.grad(loss)(params)
+    pooled_first = logits(params), jax.grad(loss)(params)
+    monkeypatch.setattr(models, "POOL_FIRST_MAX_BATCH", 0)  # training batches add the bias and ReLU before the pool
+    bias_first = logits(params), jax.grad(loss)(params)
 
     np.testing.assert_array_equal(pooled_first[0], bias_first[0])
+    np.testing.assert_array_equal(nnx.merge(graphdef, params)(images), bias_first[0])  # inference pools first
     for ours, usual in zip(jax.tree.leaves(pooled_first[1]), jax.tree.leaves(bias_first[1])):
         np.testing.assert_allclose(ours, usual, rtol=1e-5, atol=1e-6)
     conv_bias_grad = np.asarray(pooled_first[1]["convs"][0]["bias"][...])
