@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cifar_jax.errors import ConfigError
 from cifar_jax import models
+from cifar_jax.errors import ConfigError
 from cifar_jax.models import MODELS, count_params, create_model, max_pool_2x2
 
 

@@ -170,7 +170,7 @@ def test_a_run_started_on_some_devices_resumes_on_several_processes(learnable_da
     assert done.returncode == 0, done.stdout + done.stderr
     assert committed_steps(workdir) == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
     # Tied max-pool windows of the flat images again (see above): at batches of 32 or fewer each pool compares the
-    # raw conv outputs, whose last bits differ between 2x2 and 4x1 devices' collectives, so the tie-break can differ.
+    # raw conv outputs, whose last bits differ between 2 processes x 2 devices and 1 x 4, so the tie-break can differ.
     assert np.abs(params_at(workdir, "latest") - params_at(reference, "latest")).max() <= 1e-3
 
 
