@@ -4,6 +4,7 @@ Every conv is 3x3, stride 1, VALID padding, ReLU; every pool is 2x2 max-pool; in
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Callable
 
@@ -11,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.custom_derivatives import SymbolicZero
 
 from cifar_jax.errors import ConfigError
 
@@ -21,6 +23,9 @@ KERAS_KERNEL_INIT = nnx.initializers.glorot_uniform()
 # Training batches of at most this many images (and every inference batch) pool each conv's output before its bias
 # and ReLU (see `conv_relu_pool`).
 POOL_FIRST_MAX_BATCH = 32
+# Convs with at most this many input channels (the RGB input's 3) compute their forward pass tap by tap
+# (see `conv_valid_by_taps`).
+TAP_SUM_MAX_INPUT_CHANNELS = 4
 
 
 # Each pixel's place in its 2x2 window (row-major), broadcast against `_window_blocks`' (..., 2, W/2, 2, C) axes.
@@ -66,6 +71,52 @@ def _max_pool_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]) -> tupl
     return pooled, pooled_tangent
 
 
+def _xla_conv(images_nhwc: jax.Array, kernel_hwio: jax.Array, padding: str = "VALID") -> jax.Array:
+    return jax.lax.conv_general_dilated(images_nhwc, kernel_hwio, window_strides=(1, 1), padding=padding,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@jax.custom_jvp
+def conv_valid_by_taps(images_nhwc: jax.Array, kernel_hwio: jax.Array) -> jax.Array:
+    """Stride-1 VALID conv as one multiply-add per kernel tap and input channel, summed in float32.
+
+    XLA fuses the 27 multiply-adds of a 3x3 conv on RGB input into one loop that vectorises over the output
+    channels: 3.4x faster than XLA:CPU's convolution for model0's first conv at b128 (1.1 against 3.9 ms), 7x for
+    model1's; with 16 input channels it is 4.5x slower. Gradients go through XLA's convolution (README).
+    """
+    kernel_height, kernel_width, in_channels, out_channels = kernel_hwio.shape
+    out_height = images_nhwc.shape[1] - kernel_height + 1
+    out_width = images_nhwc.shape[2] - kernel_width + 1
+    images, kernel = images_nhwc.astype(jnp.float32), kernel_hwio.astype(jnp.float32)
+    taps = itertools.product(range(kernel_height), range(kernel_width), range(in_channels))
+    features = sum(images[:, row:row + out_height, col:col + out_width, channel, None] * kernel[row, col, channel]
+                   for row, col, channel in taps)
+    # XLA fuses cheap elementwise work into every consumer, so the pool, the ReLU mask and the transposes feeding
+    # the weight gradients each recomputed the whole sum (training 1.3x slower than XLA's convolution, evaluation
+    # 0.65x). A product with the identity matrix is exact and is a library call XLA does not fuse into anything:
+    # the sum is computed once, into one buffer.
+    features = jnp.einsum("bhwc,cf->bhwf", features, jnp.eye(out_channels, dtype=jnp.float32))
+    return features.astype(images_nhwc.dtype)
+
+
+def _conv_valid_by_taps_jvp(primals: tuple[jax.Array, jax.Array],
+                            tangents: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    # The tangent goes through XLA's convolution, which JAX transposes into XLA's fast backward convolutions (the tap
+    # sum's own transpose would be one slow reduction per tap). An unperturbed input, like the images in training,
+    # comes as a symbolic zero and costs nothing.
+    (images_nhwc, kernel_hwio), (images_tangent, kernel_tangent) = primals, tangents
+    features = conv_valid_by_taps(images_nhwc, kernel_hwio)
+    tangent_terms = []
+    if not isinstance(images_tangent, SymbolicZero):
+        tangent_terms.append(_xla_conv(images_tangent, kernel_hwio))
+    if not isinstance(kernel_tangent, SymbolicZero):
+        tangent_terms.append(_xla_conv(images_nhwc, kernel_tangent))
+    return features, sum(tangent_terms[1:], tangent_terms[0]) if tangent_terms else jnp.zeros_like(features)
+
+
+conv_valid_by_taps.defjvp(_conv_valid_by_taps_jvp, symbolic_zeros=True)
+
+
 def conv_relu_pool(conv: nnx.Conv, images_nhwc: jax.Array, pool_first: bool) -> jax.Array:
     """max_pool_2x2(relu(conv(x))), with the bias added and the ReLU taken before or after the pool.
 
@@ -78,8 +129,11 @@ def conv_relu_pool(conv: nnx.Conv, images_nhwc: jax.Array, pool_first: bool) -> 
     any batch (interleaved A/B on 2 CPU cores, README).
     """
     # The nnx.Conv holds the parameters and settings; its own call would add the bias before the pool.
-    features = jax.lax.conv_general_dilated(images_nhwc, conv.kernel[...], window_strides=(1, 1), padding=conv.padding,
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    kernel = conv.kernel[...]
+    if conv.padding == "VALID" and kernel.shape[2] <= TAP_SUM_MAX_INPUT_CHANNELS:
+        features = conv_valid_by_taps(images_nhwc, kernel)
+    else:
+        features = _xla_conv(images_nhwc, kernel, conv.padding)
     if pool_first:
         return nnx.relu(max_pool_2x2(features) + conv.bias[...])
     return max_pool_2x2(nnx.relu(features + conv.bias[...]))

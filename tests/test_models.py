@@ -94,6 +94,40 @@ def test_pooling_before_the_conv_bias_and_relu_changes_neither_values_nor_gradie
     assert np.abs(conv_bias_grad).min() > 0
 
 
+def test_first_conv_by_taps_equals_xla_convolution_in_values_and_derivatives():
+    images = jax.random.uniform(jax.random.key(0), (3, 32, 32, 3))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 16))
+    xla_conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    ours = jax.jit(models.conv_valid_by_taps)(images, kernel)
+    assert ours.shape == (3, 30, 30, 16)
+    np.testing.assert_allclose(ours, xla_conv(images, kernel), rtol=1e-5, atol=1e-5)
+    # The identity product that keeps the sum in one buffer is exact: same bits as the bare sum of the 27 taps
+    # compiled the same way (one fused loop, so the same multiply-adds).
+    bare_sum = jax.jit(lambda x, k: sum(x[:, row:row + 30, col:col + 30, channel, None] * k[row, col, channel]
+                                        for row in range(3) for col in range(3) for channel in range(3)))
+    np.testing.assert_array_equal(ours, bare_sum(images, kernel))
+
+    cotangent = jax.random.normal(jax.random.key(2), ours.shape)
+    for argnums in (0, 1, (0, 1)):  # the kernel (training), the images (saliency), both
+        grads = jax.grad(lambda x, k: (models.conv_valid_by_taps(x, k) * cotangent).sum(), argnums)(images, kernel)
+        expected = jax.grad(lambda x, k: (xla_conv(x, k) * cotangent).sum(), argnums)(images, kernel)
+        for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    tangents = (jax.random.normal(jax.random.key(3), images.shape), jax.random.normal(jax.random.key(4), kernel.shape))
+    np.testing.assert_allclose(jax.jvp(models.conv_valid_by_taps, (images, kernel), tangents)[1],
+                               jax.jvp(xla_conv, (images, kernel), tangents)[1], rtol=1e-5, atol=1e-4)
+
+
+def test_only_convs_with_few_input_channels_are_summed_by_taps(monkeypatch):
+    model = create_model("model0")
+    images = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))
+    tap_convs = []
+    monkeypatch.setattr(models, "conv_valid_by_taps",
+                        lambda x, k: tap_convs.append(k.shape) or models._xla_conv(x, k))
+    model(images)
+    assert tap_convs == [(3, 3, 3, 16)]  # the first conv only; the 16- and 32-channel inputs go to XLA's convolution
+
+
 def test_same_seed_same_parameters_and_other_seed_differs():
     first, again, other = (nnx.state(create_model("model0", seed), nnx.Param) for seed in (0, 0, 1))
     kernel = lambda state: np.asarray(state["convs"][0]["kernel"][...])
