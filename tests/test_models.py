@@ -118,7 +118,7 @@ def test_first_conv_by_taps_equals_xla_convolution_in_values_and_derivatives():
                                jax.jvp(xla_conv, (images, kernel), tangents)[1], rtol=1e-5, atol=1e-4)
 
 
-def test_only_convs_with_few_input_channels_are_summed_by_taps(monkeypatch):
+def test_only_convs_with_few_input_and_output_channels_are_summed_by_taps(monkeypatch):
     model = create_model("model0")
     images = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))
     tap_convs = []
@@ -126,6 +126,10 @@ def test_only_convs_with_few_input_channels_are_summed_by_taps(monkeypatch):
                         lambda x, k: tap_convs.append(k.shape) or models._xla_conv(x, k))
     model(images)
     assert tap_convs == [(3, 3, 3, 16)]  # the first conv only; the 16- and 32-channel inputs go to XLA's convolution
+    monkeypatch.setattr(models, "TAP_SUM_MAX_OUTPUT_CHANNELS", 8)  # a first conv wider than this goes to XLA too
+    tap_convs.clear()
+    model(images)
+    assert tap_convs == []
 
 
 def test_same_seed_same_parameters_and_other_seed_differs():
