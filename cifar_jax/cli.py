@@ -292,6 +292,12 @@ def ignore_late_async_callbacks(unraisable) -> None:
         sys.__unraisablehook__(unraisable)
 
 
+def not_an_abandoned_read(record: logging.LogRecord) -> bool:
+    """The same failed read, seen later: TensorStore's other reads of that checkpoint fail in asyncio tasks nobody
+    awaits any more, and asyncio logs each one (with its stack trace) when it is collected, after the error line."""
+    return not record.getMessage().startswith("Task exception was never retrieved")
+
+
 def without_stack_trace(record: logging.LogRecord) -> bool:
     """Orbax logs a failed background save with its stack trace before the command's own error line says what
     happened and what to do; its log line is kept, the trace dropped."""
@@ -304,6 +310,7 @@ def speak_in_one_line_per_problem() -> None:
     warnings.formatwarning = one_line_warning
     sys.unraisablehook = ignore_late_async_callbacks
     logging.getLogger("absl").addFilter(without_stack_trace)
+    logging.getLogger("asyncio").addFilter(not_an_abandoned_read)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -1,5 +1,8 @@
 """The command line end to end, as a user runs it: a real `python -m cifar_jax` process on a tiny archive."""
+import asyncio
+import gc
 import json
+import logging
 import math
 import os
 import re
@@ -7,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import types
+import warnings
 
 import pytest
 
@@ -105,6 +109,27 @@ def test_only_late_event_loop_callbacks_are_silenced(monkeypatch):
         cli.ignore_late_async_callbacks(types.SimpleNamespace(exc_value=RuntimeError(message)))
     assert reported == ["a real problem"]
 
+
+
+def test_abandoned_async_reads_failing_later_are_not_logged_but_other_asyncio_errors_are(monkeypatch, caplog):
+    asyncio_log = logging.getLogger("asyncio")
+    monkeypatch.setattr(asyncio_log, "filters", [])
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    cli.speak_in_one_line_per_problem()
+
+    async def read_cut_short():
+        raise ValueError("OUT_OF_RANGE: Requested byte range is not valid")
+
+    loop = asyncio.new_event_loop()
+    abandoned = loop.create_task(read_cut_short())
+    loop.run_until_complete(asyncio.sleep(0.01))  # it fails; nobody awaits it
+    loop.close()
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        del abandoned
+        gc.collect()  # asyncio reports an unretrieved task exception when the task is collected
+        asyncio_log.error("an asyncio error of another kind")
+    assert [record.getMessage() for record in caplog.records] == ["an asyncio error of another kind"]
 
 FAILING_SAVE = """
 import importlib, pathlib, sys
