@@ -292,9 +292,10 @@ def ignore_late_async_callbacks(unraisable) -> None:
         sys.__unraisablehook__(unraisable)
 
 
-def not_an_abandoned_read(record: logging.LogRecord) -> bool:
-    """The same failed read, seen later: TensorStore's other reads of that checkpoint fail in asyncio tasks nobody
-    awaits any more, and asyncio logs each one (with its stack trace) when it is collected, after the error line."""
+def not_an_abandoned_task_error(record: logging.LogRecord) -> bool:
+    """After a failed checkpoint read, TensorStore's other reads of it fail in asyncio tasks nobody awaits any more,
+    and asyncio logs each (with its stack trace) when it is collected, after the error line. The package starts no
+    asyncio tasks of its own, and the libraries' failures reach it through the calls it makes."""
     return not record.getMessage().startswith("Task exception was never retrieved")
 
 
@@ -310,7 +311,7 @@ def speak_in_one_line_per_problem() -> None:
     warnings.formatwarning = one_line_warning
     sys.unraisablehook = ignore_late_async_callbacks
     logging.getLogger("absl").addFilter(without_stack_trace)
-    logging.getLogger("asyncio").addFilter(not_an_abandoned_read)
+    logging.getLogger("asyncio").addFilter(not_an_abandoned_task_error)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

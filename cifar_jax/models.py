@@ -109,12 +109,12 @@ def _conv_valid_by_taps_jvp(primals: tuple[jax.Array, jax.Array],
     # comes as a symbolic zero and costs nothing.
     (images_nhwc, kernel_hwio), (images_tangent, kernel_tangent) = primals, tangents
     features = conv_valid_by_taps(images_nhwc, kernel_hwio)
-    tangent_terms = []
+    tangent = jnp.zeros_like(features)
     if not isinstance(images_tangent, SymbolicZero):
-        tangent_terms.append(_xla_conv(images_tangent, kernel_hwio))
+        tangent = tangent + _xla_conv(images_tangent, kernel_hwio)
     if not isinstance(kernel_tangent, SymbolicZero):
-        tangent_terms.append(_xla_conv(images_nhwc, kernel_tangent))
-    return features, sum(tangent_terms[1:], tangent_terms[0]) if tangent_terms else jnp.zeros_like(features)
+        tangent = tangent + _xla_conv(images_nhwc, kernel_tangent)
+    return features, tangent
 
 
 conv_valid_by_taps.defjvp(_conv_valid_by_taps_jvp, symbolic_zeros=True)
