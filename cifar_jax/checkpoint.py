@@ -16,7 +16,7 @@ import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import numpy as np
@@ -207,18 +207,23 @@ def resolve_step(manager: ocp.CheckpointManager, step: str | int) -> int:
     return number
 
 
-def restore_newest_good(manager: ocp.CheckpointManager, abstract_params: Any,
-                        abstract_train_state: dict) -> Optional[Restored]:
+def restore_newest_good(manager: ocp.CheckpointManager, abstract_params: Any, abstract_train_state: dict,
+                        check_metadata: Callable[[dict], None]) -> Optional[Restored]:
     """The newest checkpoint that restores cleanly, or None if there is none.
 
-    Corrupt ones are moved aside to WORKDIR/corrupt_checkpoints/ (kept for inspection, out of Orbax's way so the
-    run can save that step again) with a warning. Every process reads the same files and so gives up on the same
-    steps; process 0 alone moves them, once all have stopped reading.
+    `check_metadata` sees each checkpoint's record before its arrays are read, and raises a CifarJaxError for one
+    of another run (another model, other data): that checkpoint is left as it is. Corrupt ones (their record or
+    arrays unreadable) are moved aside to WORKDIR/corrupt_checkpoints/ (kept for inspection, out of Orbax's way so
+    the run can save that step again) with a warning. Every process reads the same files and so gives up on the
+    same steps; process 0 alone moves them, once all have stopped reading.
     """
     steps = sorted(manager.all_steps(), reverse=True)
     for position, step in enumerate(steps):
         try:
+            check_metadata(read_metadata(manager, step))
             return _restore_step(manager, step, abstract_params, abstract_train_state)
+        except CifarJaxError:
+            raise
         except Exception as error:  # a corrupt checkpoint may fail anywhere inside Orbax or TensorStore
             distributed.barrier(f"cifar_jax:checkpoint-{step}-unreadable")
             if parallel.is_main_process():

@@ -299,18 +299,20 @@ def restore_or_init(config: TrainConfig, manager, optimizer,
     running = empty_running_metrics()
     if not manager.all_steps():
         return graphdef, state, running, RunPosition()
-    latest = checkpoint.read_metadata(manager, max(manager.all_steps()))
-    if latest.get("model") != config.model:
-        raise CheckpointError(f"{manager.directory} holds checkpoints of {latest.get('model')}, not {config.model}: "
-                              "use a new --workdir for a different model")
-    trained_on = latest.get("data_fingerprint")  # absent in checkpoints saved before it was recorded
-    if trained_on is not None and trained_on != dataset.fingerprint:
-        raise CheckpointError(f"{manager.directory} was trained on other data ({latest.get('data_source')}, "
-                              f"{trained_on['train_images']} training images) than {dataset.source} "
-                              f"({len(dataset.train_labels)}): resume it with its own --data and --data-dir, or "
-                              "use a new --workdir")
+
+    def check_same_run(saved: dict) -> None:
+        if saved.get("model") != config.model:
+            raise CheckpointError(f"{manager.directory} holds checkpoints of {saved.get('model')}, not "
+                                  f"{config.model}: use a new --workdir for a different model")
+        trained_on = saved.get("data_fingerprint")  # absent in checkpoints saved before it was recorded
+        if trained_on is not None and trained_on != dataset.fingerprint:
+            raise CheckpointError(f"{manager.directory} was trained on other data ({saved.get('data_source')}, "
+                                  f"{trained_on['train_images']} training images) than {dataset.source} "
+                                  f"({len(dataset.train_labels)}): resume it with its own --data and --data-dir, "
+                                  "or use a new --workdir")
+
     template = {"opt_state": state.opt_state, "step": state.step, "running": running}
-    restored = checkpoint.restore_newest_good(manager, params, jax.device_get(template))
+    restored = checkpoint.restore_newest_good(manager, params, jax.device_get(template), check_same_run)
     if restored is None:
         return graphdef, state, running, RunPosition()
     meta = restored.metadata
@@ -369,10 +371,13 @@ def _run_epochs(config, workdir, dataset: Cifar10, devices: parallel.DeviceSet, 
         bar = tqdm(total=steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{config.epochs}",
                    disable=not show, leave=False, dynamic_ncols=True)
         started = time.perf_counter()
+        stop_signal = None
+        steps_done = first_step
         for step_in_epoch in range(first_step, steps_per_epoch):
             batch = order[step_in_epoch * config.batch_size:(step_in_epoch + 1) * config.batch_size]
             state, running = train_step(state, running, train_images, train_labels, devices.split(batch))
-            parallel.wait_every_few_programs(step_in_epoch + 1, state)
+            steps_done = step_in_epoch + 1
+            parallel.wait_every_few_programs(steps_done, state)
             if run_started is not None:  # the start-up figure: data load, restore and compile, then one step
                 jax.block_until_ready(state)
                 if parallel.is_main_process():
@@ -380,21 +385,21 @@ def _run_epochs(config, workdir, dataset: Cifar10, devices: parallel.DeviceSet, 
                                "(data loaded, step compiled)")
                 run_started = None
             bar.update(1)
-            stop_signal = distributed.agreed_stop(stop["signal"], epoch * steps_per_epoch + step_in_epoch + 1)
+            stop_signal = distributed.agreed_stop(stop["signal"], epoch * steps_per_epoch + steps_done)
             if stop_signal:
-                _raise_if_diverged(running, epoch)
-                save(epoch, step_in_epoch + 1, None)
-                checkpoint.wait_for_saves(manager)
-                bar.close()
-                if parallel.is_main_process():
-                    print(f"{stop_signal}: saved a checkpoint at epoch {epoch + 1}, step {step_in_epoch + 1}; "
-                          f"resume with: cifar-jax train --workdir {workdir}", flush=True)
-                return TrainResult(history, workdir, parallel.unreplicate(state).params, interrupted=True)
-            if show and (step_in_epoch + 1) % PROGRESS_REFRESH_STEPS == 0:
-                bar.set_postfix(_running_summary(running, epoch))
-        sums = _raise_if_diverged(running, epoch)
+                break
+            if steps_done % PROGRESS_REFRESH_STEPS == 0:
+                sums = _checked_sums(running, epoch)  # on every process, so that all of them stop together
+                if show:
+                    bar.set_postfix(_progress_summary(sums))
+        sums = _checked_sums(running, epoch)
         epoch_seconds = time.perf_counter() - started
         bar.close()
+        if stop_signal and steps_done < steps_per_epoch:
+            # A stop on an epoch's last step instead finishes the epoch below: a mid-epoch checkpoint there would
+            # take the optimizer step the epoch's own checkpoint needs, and the resumed run could never save it.
+            save(epoch, steps_done, None)
+            return _stopped(stop_signal, manager, workdir, history, state, f"epoch {epoch + 1}, step {steps_done}")
 
         params = state.params
         test_logits = evaluator.logits(params, test_images, len(dataset.test_labels))
@@ -411,12 +416,22 @@ def _run_epochs(config, workdir, dataset: Cifar10, devices: parallel.DeviceSet, 
         }
         history.append(metrics)
         running = devices.replicate(jax.device_get(empty_running_metrics()))
-        if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs:
+        if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs or stop_signal:
             save(epoch + 1, 0, metrics)
         if parallel.is_main_process():
             write_history(workdir, history)
             print(_epoch_line(metrics), flush=True)
+        if stop_signal:
+            return _stopped(stop_signal, manager, workdir, history, state, f"the end of epoch {epoch + 1}")
     return TrainResult(history, workdir, parallel.unreplicate(state).params)
+
+
+def _stopped(stop_signal: str, manager, workdir: Path, history: list[dict], state, where: str) -> TrainResult:
+    checkpoint.wait_for_saves(manager)
+    if parallel.is_main_process():
+        print(f"{stop_signal}: saved a checkpoint at {where}; resume with: cifar-jax train --workdir {workdir}",
+              flush=True)
+    return TrainResult(history, workdir, parallel.unreplicate(state).params, interrupted=True)
 
 
 def draw_training_curves(workdir: Path, history: list[dict]) -> Path:
@@ -426,7 +441,8 @@ def draw_training_curves(workdir: Path, history: list[dict]) -> Path:
     return plots.plot_training_curves(history, workdir / report.PLOTS_SUBDIR / report.PLOT_FILES["training_curves"])
 
 
-def _raise_if_diverged(running_replicated: dict, epoch: int) -> dict:
+def _checked_sums(running_replicated: dict, epoch: int) -> dict:
+    """The running metric sums on the host, raising if a step so far was NaN/Inf."""
     sums = {k: v.item() for k, v in parallel.unreplicate(running_replicated).items()}
     if sums["first_nonfinite_step"] >= 0:
         raise TrainingDivergedError(
@@ -435,8 +451,7 @@ def _raise_if_diverged(running_replicated: dict, epoch: int) -> dict:
     return sums
 
 
-def _running_summary(running_replicated: dict, epoch: int) -> dict:
-    sums = _raise_if_diverged(running_replicated, epoch)
+def _progress_summary(sums: dict) -> dict:
     count = max(sums["count"], 1)
     return {"loss": f"{sums['loss_sum'] / count:.4f}", "acc": f"{sums['correct'] / count:.4f}"}
 

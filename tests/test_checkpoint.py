@@ -60,12 +60,13 @@ def test_checkpoint_describes_itself(tmp_path, learnable_data):
     np.testing.assert_array_equal(flat(restored.params), flat(result.params))
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, learnable_data):
+@pytest.mark.parametrize("damaged", ["params", "metadata"])
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, learnable_data, damaged):
     config = quick_config(tmp_path)
     straight = train(quick_config(tmp_path, workdir=str(tmp_path / "straight")))
     first = train(config)
     latest = max(int(p.name) for p in (first.workdir / "checkpoints").iterdir() if p.name.isdigit())
-    for data_file in (first.workdir / "checkpoints" / str(latest) / "params").rglob("*"):
+    for data_file in (first.workdir / "checkpoints" / str(latest) / damaged).rglob("*"):
         if data_file.is_file() and data_file.stat().st_size > 0:
             data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])  # truncate
     with pytest.warns(UserWarning, match=f"checkpoint {latest} .* is unreadable .* falling back to the previous one$"):

@@ -21,6 +21,7 @@ from cifar_jax.optim import create_optimizer, learning_rate_schedule, steps_per_
 from cifar_jax.parallel import DeviceSet
 from cifar_jax.train import Evaluator, apply_model, cross_entropy_loss, init_params
 from learnable import class_coloured_dataset
+from stop_signals import StopAfterSteps
 
 train_module = importlib.import_module("cifar_jax.train")
 jitted_augment_batch = jax.jit(augment_batch, static_argnums=2)  # one compile instead of many small eager ops
@@ -270,18 +271,6 @@ def recipe_run(tmp_path, name: str, **overrides) -> TrainConfig:
 
 def flat(params) -> np.ndarray:
     return np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(params)])
-
-
-class StopAfterSteps(dict):
-    """Stands in for stop_requests()'s flag: reads as a SIGTERM once the loop has checked it `steps` times."""
-
-    def __init__(self, steps: int):
-        super().__init__(signal=None)
-        self.checks_left = steps
-
-    def __getitem__(self, key):
-        self.checks_left -= 1
-        return "SIGTERM" if self.checks_left < 0 else None
 
 
 def test_an_augmented_run_learns_and_resumes_exactly(tmp_path, learnable_data, monkeypatch):

@@ -1,3 +1,4 @@
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -12,6 +13,7 @@ from cifar_jax.errors import ConfigError, DataError, TrainingDivergedError
 from cifar_jax.parallel import MAX_QUEUED_PROGRAMS, DeviceSet, wait_if_queue_full
 from cifar_jax.train import Evaluator, all_finite, epoch_order, init_params, apply_model, padded_eval_batches
 from learnable import class_coloured_dataset
+from stop_signals import StopAfterSteps
 
 # `cifar_jax.train` the attribute is the train() function; the module itself is reached this way.
 train_module = importlib.import_module("cifar_jax.train")
@@ -133,6 +135,23 @@ def test_resuming_ends_with_the_same_parameters_as_an_uninterrupted_run(tmp_path
     assert resumed.history[-1]["test_accuracy"] == straight.history[-1]["test_accuracy"]
 
 
+@pytest.mark.parametrize("checks_before_stop, finished_epochs, steps_in", [(15, 1, 0), (20, 1, 5)])
+def test_a_run_stopped_on_any_step_resumes_to_the_same_parameters(tmp_path, learnable_data, monkeypatch,
+                                                                   checks_before_stop, finished_epochs, steps_in):
+    # 16 steps per epoch: a stop on step 16 (an epoch's last) finishes that epoch; on step 21 it saves mid-epoch.
+    straight = train(quick_config(tmp_path, workdir=str(tmp_path / "straight")))
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "stop_requests", lambda: contextlib.nullcontext(StopAfterSteps(checks_before_stop)))
+        stopped = train(quick_config(tmp_path, workdir=str(tmp_path / "stopped")))
+    assert stopped.interrupted and len(stopped.history) == finished_epochs
+    latest = json.loads(max((tmp_path / "stopped" / "checkpoints").iterdir(), key=lambda p: int(p.name))
+                        .joinpath("metadata", "metadata").read_text())
+    assert (latest["epoch"], latest["step_in_epoch"]) == (finished_epochs, steps_in)
+    resumed = train(quick_config(tmp_path, workdir=str(tmp_path / "stopped")))
+    assert not resumed.interrupted and [row["epoch"] for row in resumed.history] == [1, 2]
+    np.testing.assert_array_equal(flat(straight.params), flat(resumed.params))
+
+
 def test_a_finished_run_is_not_trained_again(tmp_path, learnable_data):
     config = quick_config(tmp_path, epochs=1)
     first = train(config)
@@ -152,6 +171,23 @@ def test_all_finite_finds_one_bad_element_in_any_leaf(bad_value):
 def test_huge_learning_rate_stops_with_a_clear_error(tmp_path, learnable_data):
     with pytest.raises(TrainingDivergedError, match=r"NaN/Inf in epoch 1 at step \d+"):
         train(quick_config(tmp_path, learning_rate=1e12, optimizer="sgd"))
+
+
+def test_divergence_stops_mid_epoch_without_a_progress_bar(tmp_path, learnable_data, monkeypatch):
+    # Every process checks, not just the one that shows progress: the others would wait for it in the next
+    # collective and hang.
+    steps_run = []
+    build = train_module.build_train_step
+
+    def counting_build(*args):
+        step = build(*args)
+        return lambda *step_args: steps_run.append(1) or step(*step_args)
+
+    monkeypatch.setattr(train_module, "build_train_step", counting_build)
+    monkeypatch.setattr(train_module, "PROGRESS_REFRESH_STEPS", 2)
+    with pytest.raises(TrainingDivergedError, match=r"NaN/Inf in epoch 1"):
+        train(quick_config(tmp_path, learning_rate=1e12, optimizer="sgd", progress=False))
+    assert len(steps_run) < 16  # an epoch is 16 steps
 
 
 @pytest.mark.parametrize("overrides, message", [
