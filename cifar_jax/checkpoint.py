@@ -56,8 +56,13 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def run_checkpoints(workdir: str | Path) -> Path:
+    """The checkpoints/ folder of a training run's workdir (whatever the workdir itself is called)."""
+    return Path(workdir).expanduser().absolute() / CHECKPOINTS_SUBDIR
+
+
 def checkpoint_dir(workdir_or_checkpoints: str | Path) -> Path:
-    """Accept either a run's workdir or its checkpoints/ folder."""
+    """For evaluate and predict: accept either a run's workdir or its checkpoints/ folder."""
     path = Path(workdir_or_checkpoints).expanduser().absolute()
     if path.name == CHECKPOINTS_SUBDIR and not (path / CHECKPOINTS_SUBDIR).exists():
         return path
@@ -68,10 +73,10 @@ def _best_metric(metrics: dict) -> float:
     return float(metrics[BEST_METRIC])
 
 
-def open_manager(workdir: str | Path, keep_latest: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
-    """A CheckpointManager that keeps the latest `keep_latest` and the best by test accuracy.
+def open_manager(checkpoints: Path, keep_latest: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+    """A manager of the folder `checkpoints`, keeping the latest `keep_latest` and the best by test accuracy.
 
-    `max_to_keep` + `best_fn` together can delete the latest step (shared/FACTS.md), so retention is an explicit
+    `max_to_keep` + `best_fn` together deleted the latest step (orbax-checkpoint 0.12), so retention is an explicit
     preservation policy; `best_fn` is still set because Orbax only writes metrics when it is.
     """
     preservation = checkpoint_managers.AnyPreservationPolicy([
@@ -91,7 +96,7 @@ def open_manager(workdir: str | Path, keep_latest: int = 3, read_only: bool = Fa
             read_only=read_only,
             create=not read_only,
         )
-        return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+        return ocp.CheckpointManager(checkpoints, options=options)
     finally:
         absl_log.setLevel(level)
 
@@ -103,7 +108,7 @@ def managed(workdir: str | Path, keep_latest: int = 3) -> Iterator[ocp.Checkpoin
     In a multi-process run a lost peer ends it as `PeerLostError`, and the pending save is left unfinished:
     its barrier would wait for the dead process (the previous checkpoint stays the latest good one).
     """
-    manager = open_manager(workdir, keep_latest)
+    manager = open_manager(run_checkpoints(workdir), keep_latest)
     resume_hint = f"start every process again to resume from the last checkpoint in {Path(workdir)}"
     try:
         with distributed.peer_failures_as_errors(resume_hint):

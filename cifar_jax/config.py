@@ -109,6 +109,10 @@ class TrainConfig:
             raise ConfigError(f"unknown recipe {self.recipe!r}: choose one of {', '.join(RECIPES)}")
         recipe = RECIPES[self.recipe][self.model]
         config = dataclasses.replace(self, **{name: value for name, value in recipe.items() if getattr(self, name) is None})
+        # numpy scalars (from a sweep's np.linspace, say) as the Python numbers JSON can save
+        config = dataclasses.replace(config, **{field.name: getattr(config, field.name).item()
+                                                for field in dataclasses.fields(config)
+                                                if isinstance(getattr(config, field.name), np.generic)})
         config = config._with_fallback_defaults()
         config.validate()
         # Folders as text: the config is saved as JSON, and a pathlib.Path is what a Python caller often passes.
@@ -138,7 +142,7 @@ class TrainConfig:
         if not is_whole_number(self.seed) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
         rate = self.learning_rate
-        if rate is not None and not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0):
+        if rate is not None and not (_is_number(rate) and rate > 0):
             raise ConfigError(f"learning_rate must be a positive number, got {rate!r}")
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")

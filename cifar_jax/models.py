@@ -55,7 +55,7 @@ def max_pool_2x2(images_nhwc: jax.Array) -> jax.Array:
     """2x2/stride-2 max-pool as reshape + max; the gradient goes to the first maximum of each window.
 
     Same values as `flax.nnx.max_pool(x, (2, 2), (2, 2))`. Reshape + max's gradient is ~2.7x faster than
-    reduce_window's on the CPU backend (shared/FACTS.md). Its default gradient splits ties evenly and, to find them,
+    reduce_window's on the CPU backend (measured on 2 cores). Its default gradient splits ties evenly and, to find them,
     re-reads the whole input; routing to the first maximum (TensorFlow's MaxPoolGrad, so Keras's too) needs only a
     1-byte window position kept from the forward pass: model0 b128 training 1.12-1.21x on 2 CPU cores (README).
     """

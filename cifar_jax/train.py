@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -264,10 +266,8 @@ def checked_workdir(config: TrainConfig) -> Path:
     """The run folder, refusing to mix this run with a different earlier one (created once the data has loaded)."""
     workdir = Path(config.workdir).expanduser()
     saved_config_path = workdir / "config.json"
-    checkpoints = checkpoint.checkpoint_dir(workdir)
-    for folder in (workdir, checkpoints):
-        if folder.exists() and not folder.is_dir():
-            raise ConfigError(f"{folder} is a file, not a folder: choose a new --workdir")
+    checkpoints = checkpoint.run_checkpoints(workdir)
+    check_can_create(checkpoints)
     has_checkpoints = checkpoints.is_dir() and any(checkpoints.iterdir())
     if saved_config_path.exists():
         conflicts = conflicting_fields(TrainConfig.load(saved_config_path), config)
@@ -281,6 +281,27 @@ def checked_workdir(config: TrainConfig) -> Path:
         raise ConfigError(f"{workdir} already has checkpoints and --no-resume was given: "
                           "choose a new --workdir, or drop --no-resume to continue that run")
     return workdir
+
+
+def check_can_create(folder: Path) -> None:
+    """Raise unless `folder` is, or can be made, a folder: its nearest existing ancestor is a writable folder."""
+    nearest = next(path for path in (folder, *folder.absolute().parents) if path.exists())
+    if not nearest.is_dir():
+        raise ConfigError(f"{nearest} is a file, not a folder: choose a new --workdir")
+    if not os.access(nearest, os.W_OK):
+        raise ConfigError(f"cannot write in {nearest}: choose a --workdir in a folder you can write to")
+
+
+def new_folder(path: Path) -> Path:
+    """Create `path`, or PATH-2, PATH-3, ... if it exists: a folder no other run uses."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in itertools.count(1):
+        candidate = path if attempt == 1 else path.with_name(f"{path.name}-{attempt}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
 
 
 @dataclasses.dataclass
@@ -327,12 +348,24 @@ def train(config: TrainConfig) -> TrainResult:
         raise ConfigError(f"train() takes a TrainConfig, got {type(config).__name__}: "
                           "TrainConfig(model=..., ...) or TrainConfig.from_dict(values)")
     run_started = time.perf_counter()
+    named_workdir = bool(config.workdir)
+    if not named_workdir and distributed.is_multi_process():
+        raise ConfigError("a run over several processes needs --workdir: the same folder for every process, on a "
+                          "filesystem every host sees")
     config = config.with_workdir().resolved()
     devices = parallel.DeviceSet.select(config.num_devices)
     config.check_devices(devices.global_count)
-    workdir = checked_workdir(config)
+    if named_workdir:
+        workdir = checked_workdir(config)
+    else:
+        check_can_create(Path(config.workdir))
     dataset = load_cifar10(config.data_dir, config.data)
-    workdir.mkdir(parents=True, exist_ok=True)  # only now: a run that cannot start leaves no empty folder behind
+    # Only now: a run that cannot start leaves no empty folder behind.
+    if named_workdir:
+        workdir.mkdir(parents=True, exist_ok=True)
+    else:  # a fresh timestamped folder, even if a run started in the same second took that name meanwhile
+        workdir = new_folder(Path(config.workdir))
+        config = dataclasses.replace(config, workdir=str(workdir))
     optimizer = create_optimizer(config, optim.steps_per_epoch(len(dataset.train_labels), config.batch_size))
     with checkpoint.managed(workdir, keep_latest=config.keep_checkpoints) as manager:
         graphdef, state, running, position = restore_or_init(config, manager, optimizer, dataset)

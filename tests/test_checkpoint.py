@@ -38,7 +38,7 @@ def flat(params):
 
 
 def test_keeps_latest_n_and_the_best_never_the_latest_deleted(tmp_path):
-    manager = checkpoint.open_manager(tmp_path, keep_latest=2)
+    manager = checkpoint.open_manager(tmp_path / "checkpoints", keep_latest=2)
     params = {"w": np.zeros(3, np.float32)}
     for step, accuracy in zip([1, 2, 3, 4], [0.9, 0.5, 0.6, 0.4]):
         checkpoint.save(manager, step, params, {"step": np.int32(step)}, {"model": "model0"},
@@ -114,6 +114,13 @@ def test_resuming_on_other_data_is_refused_but_the_same_data_read_elsewhere_resu
                                 train_labels=learnable_data.train_labels[order], source="archive:/elsewhere")
     monkeypatch.setattr(train_module, "load_cifar10", lambda data_dir=None, source="auto": moved)
     assert [row["epoch"] for row in train(quick_config(tmp_path, epochs=2)).history] == [1, 2]
+
+
+def test_a_workdir_named_checkpoints_keeps_its_checkpoints_inside(tmp_path, learnable_data):
+    result = train(quick_config(tmp_path, epochs=1, workdir=str(tmp_path / "checkpoints")))
+    assert sorted(p.name for p in result.workdir.iterdir()) == ["checkpoints", "config.json", "metrics.jsonl", "plots"]
+    restored = checkpoint.restore_for_inference(result.workdir, "latest", abstract_params)
+    np.testing.assert_array_equal(flat(restored.params), flat(result.params))
 
 
 def test_checkpoint_of_another_model_is_a_clear_error(tmp_path, learnable_data):

@@ -3,6 +3,7 @@ import dataclasses
 import importlib
 import json
 import os
+import time
 
 import jax
 import numpy as np
@@ -194,6 +195,7 @@ def test_divergence_stops_mid_epoch_without_a_progress_bar(tmp_path, learnable_d
     ({"model": "model7"}, "unknown model 'model7'"),
     ({"batch_size": 30}, "batch_size 30 does not split evenly over 4 devices"),
     ({"learning_rate": -0.1}, "learning_rate must be a positive number"),
+    ({"learning_rate": True}, "learning_rate must be a positive number, got True"),
     ({"epochs": 0}, "epochs must be a positive integer"),
     ({"optimizer": "lion"}, "unknown optimizer 'lion'"),
     ({"num_devices": 64}, "num_devices 64 is not available"),
@@ -248,6 +250,42 @@ def test_a_file_where_the_run_folders_go_is_refused_and_kept(tmp_path, file_in_t
     with pytest.raises(ConfigError, match=f"{tmp_path / file_in_the_way} is a file, not a folder: choose a new"):
         train(quick_config(tmp_path))
     assert (tmp_path / file_in_the_way).read_text() == "a user's file"
+
+
+def test_a_workdir_under_a_file_is_refused_before_the_data_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "load_cifar10", lambda *a, **k: pytest.fail("data was loaded"))
+    (tmp_path / "notes.txt").write_text("a user's file")
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'notes.txt'} is a file, not a folder: choose a new --workdir"):
+        train(quick_config(tmp_path, workdir=str(tmp_path / "notes.txt" / "runs" / "run")))
+    assert (tmp_path / "notes.txt").read_text() == "a user's file"
+
+
+def test_numpy_numbers_in_the_config_train_and_save_as_plain_numbers(tmp_path, learnable_data):
+    config = quick_config(tmp_path, epochs=np.int64(1), batch_size=np.int32(32), seed=np.int64(3),
+                          learning_rate=np.float32(0.002), label_smoothing=np.float64(0.1))
+    result = train(config)
+    saved = json.loads((result.workdir / "config.json").read_text())
+    assert (saved["epochs"], saved["batch_size"], saved["seed"]) == (1, 32, 3)
+    assert saved["learning_rate"] == pytest.approx(0.002) and saved["label_smoothing"] == 0.1
+
+
+def test_runs_without_a_workdir_started_in_the_same_second_get_their_own_folders(tmp_path, learnable_data,
+                                                                                 monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time, "strftime", lambda fmt: "20261125-120000")
+    first = train(quick_config(tmp_path, epochs=1, workdir=None))
+    second = train(quick_config(tmp_path, epochs=1, workdir=None, learning_rate=0.002))
+    assert (str(first.workdir), str(second.workdir)) == ("checkpoints/model0-20261125-120000",
+                                                         "checkpoints/model0-20261125-120000-2")
+    assert json.loads((first.workdir / "config.json").read_text())["learning_rate"] == 1e-3
+    assert json.loads((second.workdir / "config.json").read_text())["learning_rate"] == 0.002
+
+
+def test_a_run_over_several_processes_needs_a_workdir(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module.distributed, "is_multi_process", lambda: True)
+    monkeypatch.setattr(train_module, "load_cifar10", lambda *a, **k: pytest.fail("data was loaded"))
+    with pytest.raises(ConfigError, match="a run over several processes needs --workdir"):
+        train(quick_config(tmp_path, workdir=None))
 
 
 @pytest.mark.parametrize("garbage", ["{'model': ", "[1, 2]"])
