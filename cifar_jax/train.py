@@ -369,6 +369,10 @@ def train(config: TrainConfig) -> TrainResult:
     optimizer = create_optimizer(config, optim.steps_per_epoch(len(dataset.train_labels), config.batch_size))
     with checkpoint.managed(workdir, keep_latest=config.keep_checkpoints) as manager:
         graphdef, state, running, position = restore_or_init(config, manager, optimizer, dataset)
+        if position.epoch > config.epochs:
+            raise ConfigError(f"{workdir} has already trained {position.epoch} epochs, more than the "
+                              f"{config.epochs} asked for: ask for --epochs {position.epoch} or more, or use a new "
+                              "--workdir")
         distributed.barrier("cifar_jax:run-checked")  # every process has read the workdir before it changes
         if parallel.is_main_process():  # only now that the workdir is known to hold this run
             write_json_atomically(workdir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")

@@ -161,6 +161,15 @@ def test_a_finished_run_is_not_trained_again(tmp_path, learnable_data):
     np.testing.assert_array_equal(flat(first.params), flat(again.params))
 
 
+def test_asking_a_run_for_fewer_epochs_than_it_trained_is_refused_and_its_config_kept(tmp_path, learnable_data):
+    train(quick_config(tmp_path, epochs=2))
+    saved_config = (tmp_path / "run" / "config.json").read_text()
+    with pytest.raises(ConfigError, match=r"has already trained 2 epochs, more than the 1 asked for: ask for "
+                                          r"--epochs 2 or more"):
+        train(quick_config(tmp_path, epochs=1))
+    assert (tmp_path / "run" / "config.json").read_text() == saved_config
+
+
 @pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
 def test_all_finite_finds_one_bad_element_in_any_leaf(bad_value):
     tree = {"kernel": np.ones((3, 3), np.float32), "bias": np.zeros(3, np.float32)}
