@@ -138,7 +138,7 @@ def time_training(config: TrainConfig, dataset: Cifar10, devices: parallel.Devic
 
 def time_evaluation(config: TrainConfig, graphdef, params: dict, dataset: Cifar10, devices: parallel.DeviceSet,
                     repeats: int) -> float:
-    evaluator = Evaluator(graphdef, config.standardize, config.eval_batch_size, devices)
+    evaluator = Evaluator(graphdef, config.standardize, config.eval_batch_size, devices, config.tta_flip)
     params_replicated, images = devices.replicate((params, dataset.test_images))
     count = len(dataset.test_labels)
     evaluator.logits(params_replicated, images, count)  # compiles
@@ -147,7 +147,8 @@ def time_evaluation(config: TrainConfig, graphdef, params: dict, dataset: Cifar1
 
 def time_prediction(config: TrainConfig, graphdef, params: dict, dataset: Cifar10, devices: parallel.DeviceSet,
                     repeats: int) -> float:
-    predictor = Predictor(graphdef, params, CLASS_NAMES, config.standardize, DEFAULT_BATCH_SIZE, devices)
+    predictor = Predictor(graphdef, params, CLASS_NAMES, config.standardize, DEFAULT_BATCH_SIZE, devices,
+                          tta_flip=config.tta_flip)
     predictor.predict(dataset.test_images[:DEFAULT_BATCH_SIZE])  # compiles
     return median_rate(lambda _: predictor.predict(dataset.test_images).probabilities, len(dataset.test_images),
                        repeats)

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -32,7 +31,7 @@ from cifar_jax.data import CIFAR10_MEAN, CIFAR10_STD, normalize_images
 from cifar_jax.errors import CheckpointError, InputError
 from cifar_jax.models import IMAGE_SHAPE
 from cifar_jax.parallel import DeviceSet, wait_if_queue_full
-from cifar_jax.train import abstract_params, apply_model, init_params
+from cifar_jax.train import abstract_params, inference_logits, init_params
 
 MODEL_SIZE = (IMAGE_SHAPE[1], IMAGE_SHAPE[0])  # (width, height), PIL's order
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # found in folders
@@ -318,11 +317,12 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
 # ---------------------------------------------------------------- the model step
 
 
-def make_probabilities_step(graphdef: nnx.GraphDef, standardize: bool) -> Callable:
-    """Class probabilities for one device's share of a batch of 32×32 uint8 images (normalised on the device)."""
+def make_probabilities_step(graphdef: nnx.GraphDef, standardize: bool, tta_flip: bool = False) -> Callable:
+    """Class probabilities for one device's share of a batch of 32×32 uint8 images (normalised on the device);
+    with `tta_flip`, from the logits averaged with the mirror images', as the run's evaluation computed them."""
 
     def probabilities_step(params: dict, images_nhwc_uint8: jax.Array) -> jax.Array:
-        logits = apply_model(graphdef, params, normalize_images(images_nhwc_uint8, standardize))
+        logits = inference_logits(graphdef, params, normalize_images(images_nhwc_uint8, standardize), tta_flip)
         return jax.nn.softmax(logits, axis=-1)
 
     return probabilities_step
@@ -353,7 +353,7 @@ class Predictor:
 
     def __init__(self, graphdef: nnx.GraphDef, params: dict, class_names: Sequence[str], standardize: bool,
                  batch_size: int = DEFAULT_BATCH_SIZE, devices: Optional[DeviceSet] = None,
-                 metadata: Optional[dict] = None, step: Optional[int] = None):
+                 metadata: Optional[dict] = None, step: Optional[int] = None, tta_flip: bool = False):
         self.devices = devices or DeviceSet.select()
         _check_batch_size(batch_size)
         # A whole number per device; the batch size only changes speed, never results, so round up quietly.
@@ -363,8 +363,8 @@ class Predictor:
         self.step = step
         self.trace_count = 0  # how often JAX traced (= compiled) the step; stays 1 whatever N the calls use
         self._params = self.devices.replicate(params)
-        self._step = self.devices.data_parallel(self._counting_traces(make_probabilities_step(graphdef, standardize)),
-                                                split_argnums=(1,), split_output=True)
+        step_fn = make_probabilities_step(graphdef, standardize, tta_flip)
+        self._step = self.devices.data_parallel(self._counting_traces(step_fn), split_argnums=(1,), split_output=True)
 
     @classmethod
     def from_checkpoint(cls, workdir_or_checkpoint: Union[str, os.PathLike], step: Union[str, int] = "best",
@@ -378,7 +378,7 @@ class Predictor:
         graphdef, _ = jax.eval_shape(lambda: init_params(metadata["model"], 0))
         return cls(graphdef, restored.params, metadata["class_names"], normalization["standardize"],
                    batch_size=batch_size, devices=DeviceSet.select(num_devices), metadata=metadata,
-                   step=restored.step)
+                   step=restored.step, tta_flip=bool(metadata.get("config", {}).get("tta_flip")))
 
     def _counting_traces(self, step: Callable) -> Callable:
         @functools.wraps(step)

@@ -155,15 +155,19 @@ def build_train_step(config: TrainConfig, graphdef: nnx.GraphDef, optimizer: opt
     return devices.data_parallel(step, split_argnums=(4,), donate_argnums=(0, 1))
 
 
+def inference_logits(graphdef: nnx.GraphDef, params: dict, images: jax.Array, tta_flip: bool = False) -> jax.Array:
+    """Logits of normalised images for evaluation and prediction; with `tta_flip`, averaged with the mirror images'."""
+    logits = apply_model(graphdef, params, images)
+    if tta_flip:
+        logits = (logits + apply_model(graphdef, params, images[:, :, ::-1, :])) / 2
+    return logits
+
+
 def make_predict_step(graphdef: nnx.GraphDef, standardize: bool, tta_flip: bool = False) -> Callable:
-    """Logits for one device's share of an evaluation batch; with `tta_flip`, averaged with the mirror images'."""
+    """Logits for one device's share of an evaluation batch (indices into the device-resident images)."""
 
     def predict_step(params: dict, images_all: jax.Array, indices: jax.Array) -> jax.Array:
-        images = normalize_images(images_all[indices], standardize)
-        logits = apply_model(graphdef, params, images)
-        if tta_flip:
-            logits = (logits + apply_model(graphdef, params, images[:, :, ::-1, :])) / 2
-        return logits
+        return inference_logits(graphdef, params, normalize_images(images_all[indices], standardize), tta_flip)
 
     return predict_step
 

@@ -16,9 +16,11 @@ from cifar_jax.augment import (Augmentation, augment_batch, augmentation_for, cr
 from cifar_jax.cli import build_parser, config_overrides
 from cifar_jax.config import RECIPES, conflicting_fields
 from cifar_jax.errors import ConfigError
+from cifar_jax.evaluate import model_logits
 from cifar_jax.models import count_params
 from cifar_jax.optim import create_optimizer, learning_rate_schedule, steps_per_epoch
 from cifar_jax.parallel import DeviceSet
+from cifar_jax.predict import Predictor
 from cifar_jax.train import Evaluator, apply_model, cross_entropy_loss, init_params
 from learnable import class_coloured_dataset
 from stop_signals import StopAfterSteps
@@ -276,6 +278,10 @@ def flat(params) -> np.ndarray:
 def test_an_augmented_run_learns_and_resumes_exactly(tmp_path, learnable_data, monkeypatch):
     straight = train(recipe_run(tmp_path, "straight"))
     assert straight.history[-1]["test_accuracy"] > 0.5  # chance is 0.1
+    # predict sees the images as the run's evaluation did: averaged with their mirror images (tta_flip)
+    predicted = Predictor.from_checkpoint(straight.workdir, "latest").predict(learnable_data.test_images)
+    flip_averaged = model_logits("model0", straight.params, False, learnable_data.test_images, tta_flip=True)
+    np.testing.assert_allclose(predicted.probabilities, jax.nn.softmax(flip_averaged, axis=-1), atol=1e-5)
 
     with monkeypatch.context() as patch:  # stopped mid-epoch 2 (8 steps per epoch), then resumed
         patch.setattr(train_module, "stop_requests", lambda: contextlib.nullcontext(StopAfterSteps(11)))
