@@ -61,14 +61,22 @@ def _train(args: argparse.Namespace) -> int:
     if distributed.is_multi_process() and "num_devices" not in overrides:
         # A run started on some local devices resumes on every device of every process (the same computation).
         base = dataclasses.replace(base, num_devices=None)
-    try:
-        result = train(dataclasses.replace(base, **overrides))
-    except (distributed.PeerLostError, CheckpointSaveError) as error:
-        print(f"cifar-jax: error: {error}", file=sys.stderr)
-        distributed.exit_now(2)
+    result = exiting_at_once_on_stuck_threads(lambda: train(dataclasses.replace(base, **overrides)))
     if not result.interrupted and is_main_process():
         print(f"run finished: {result.workdir}")
     return 0
+
+
+def exiting_at_once_on_stuck_threads(work: Callable[[], Any]) -> Any:
+    """`work()`; after a lost peer or a failed checkpoint write, the error line and an immediate exit: threads left
+    waiting on them (JAX's shutdown barrier, Orbax's writer) would hang a normal one."""
+    from cifar_jax import distributed
+
+    try:
+        return work()
+    except (distributed.PeerLostError, CheckpointSaveError) as error:
+        print(f"cifar-jax: error: {error}", file=sys.stderr)
+        distributed.exit_now(2)
 
 
 def _add_run_evaluation_flags(parser: argparse.ArgumentParser) -> None:
@@ -163,7 +171,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     base, grid, out, parallel = comparison_from_options(args.config, config_overrides(args, TrainConfig), args.models,
                                                         args.grid or (), args.out, args.parallel)
-    rows = compare(base, grid, out, parallel=parallel)
+    rows = exiting_at_once_on_stuck_threads(lambda: compare(base, grid, out, parallel=parallel))
     statuses = [row["status"] for row in rows]
     print(f"{len(rows)} run{'s' * (len(rows) != 1)}: "
           + ", ".join(f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses)))

@@ -30,7 +30,8 @@ import jax
 
 from cifar_jax.cli import flag_type
 from cifar_jax.config import TrainConfig, conflicting_fields
-from cifar_jax.errors import CifarJaxError, ConfigError
+from cifar_jax.distributed import exit_now
+from cifar_jax.errors import CheckpointSaveError, CifarJaxError, ConfigError
 from cifar_jax.models import MODELS, count_params
 from cifar_jax.report import markdown_table, read_history
 from cifar_jax.train import stop_requests, train, write_json_atomically
@@ -254,6 +255,10 @@ def train_run(config: TrainConfig) -> dict:
     try:
         result = train(config)
         record = {"status": INTERRUPTED if result.interrupted else FINISHED, "error": None}
+    except CheckpointSaveError as error:  # Orbax's writer is left waiting: the process must exit, not go on
+        write_run_record(workdir, {"status": FAILED, "error": str(error),
+                                   "wall_seconds": time.perf_counter() - started})
+        raise
     except CifarJaxError as error:
         record = {"status": FAILED, "error": str(error)}
     except Exception as error:  # a bug or a device error (out of memory) in one run must not stop the others
@@ -567,7 +572,11 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if not _stop_with_parent(args.parent_pid):
         return 1
-    train_run(TrainConfig.from_dict(json.loads(args.worker)))
+    try:
+        train_run(TrainConfig.from_dict(json.loads(args.worker)))
+    except CheckpointSaveError as error:  # recorded for the comparison; Orbax's waiting writer must not hold the exit
+        print(f"cifar-jax: error: {error}", file=sys.stderr, flush=True)
+        exit_now(2)
     return 0
 
 

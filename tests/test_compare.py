@@ -16,7 +16,8 @@ from cifar_jax import TrainConfig
 from cifar_jax.cli import main
 from cifar_jax.compare import (RUN_RECORD_FILE, check_out_dir, compare, comparison_from_options, parse_grid_option, plan_runs,
                                typed_grid)
-from cifar_jax.errors import ConfigError
+from cifar_jax import distributed
+from cifar_jax.errors import CheckpointSaveError, ConfigError
 
 MODEL0_PARAMS, MODEL1_PARAMS = 91_946, 3_404_042
 TIMEOUT = 240
@@ -209,6 +210,29 @@ def test_a_failing_run_is_recorded_with_its_error_and_the_others_finish(learnabl
     assert "4 runs: 3 failed, 1 finished" in captured.out
     assert captured.err.strip().splitlines()[-1] == (
         f"cifar-jax: error: 3 of 4 runs failed: each one's error is above and in the status column of {out / 'results.md'}")
+
+
+def test_a_failed_checkpoint_write_is_recorded_and_ends_the_comparison_at_once(tmp_path, monkeypatch, capsys):
+    started = []
+
+    def save_fails(config):
+        started.append(config.workdir)
+        raise CheckpointSaveError("could not write a checkpoint in X (disk full): free disk space")
+
+    def exit_now(status):
+        raise SystemExit(status)
+
+    monkeypatch.setattr(compare_module, "train", save_fails)
+    monkeypatch.setattr(distributed, "exit_now", exit_now)
+    with pytest.raises(SystemExit) as exited:
+        main(["compare", "--models", "model0", "--grid", "learning_rate=1e-3,2e-3", "--epochs", "1",
+              "--out", str(tmp_path / "cmp"), "--no-progress"])
+    assert exited.value.code == 2 and len(started) == 1  # the second run never started
+    record = json.loads((Path(started[0]) / RUN_RECORD_FILE).read_text())
+    assert (record["status"], record["error"]) == ("failed", "could not write a checkpoint in X (disk full): free "
+                                                             "disk space")
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "cifar-jax: error: could not write a checkpoint in X (disk full): free disk space")
 
 
 def test_an_out_folder_of_another_comparison_is_refused_before_anything_changes(tmp_path, capsys):
