@@ -12,14 +12,13 @@ import math
 import resource
 import statistics
 import time
-from importlib import metadata as package_metadata
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cifar_jax import optim, parallel
+from cifar_jax import checkpoint, optim, parallel
 from cifar_jax.config import TrainConfig, is_whole_number
 from cifar_jax.errors import ConfigError
 from cifar_jax.data import CLASS_NAMES, Cifar10, load_cifar10
@@ -46,10 +45,6 @@ class BenchmarkSettings:
         for name in ("windows", "inference_repeats") + (("max_steps",) if self.max_steps is not None else ()):
             if not is_whole_number(getattr(self, name)) or getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)!r}")
-
-
-def versions() -> dict[str, str]:
-    return {name: package_metadata.version(name) for name in ("jax", "jaxlib", "flax", "optax")}
 
 
 def peak_host_memory_bytes() -> int:
@@ -96,7 +91,7 @@ def _training_setup(config: TrainConfig, dataset: Cifar10, devices: parallel.Dev
 def time_training(config: TrainConfig, dataset: Cifar10, devices: parallel.DeviceSet,
                   settings: BenchmarkSettings) -> dict[str, Any]:
     graphdef, params, step, (state, running, images, labels), steps_per_epoch = _training_setup(config, dataset, devices)
-    order = np.concatenate([epoch_order(config.seed, epoch, len(dataset.train_labels)) for epoch in range(2)])
+    order = epoch_order(config.seed, 0, len(dataset.train_labels))
 
     def batch(step_index: int) -> np.ndarray:
         start = (step_index % steps_per_epoch) * config.batch_size
@@ -178,7 +173,7 @@ def run_benchmark(config: TrainConfig, settings: BenchmarkSettings = BenchmarkSe
         "predict_images_per_second": time_prediction(config, graphdef, params, dataset, devices,
                                                      settings.inference_repeats),
         "peak_host_memory_bytes": peak_host_memory_bytes(),
-        "versions": versions(),
+        "versions": checkpoint.package_versions(),
     }
     device_memory = peak_device_memory_bytes(devices)
     if device_memory is not None:

@@ -226,8 +226,12 @@ def check_out_dir(runs: Sequence[Run], out_dir: Path) -> None:
 
 
 def read_run_record(workdir: Path) -> dict:
-    path = workdir / RUN_RECORD_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
+    """How the run last ended; {} when it has no record, or an unreadable one (it is then trained or resumed again)."""
+    try:
+        record = json.loads((workdir / RUN_RECORD_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def write_run_record(workdir: Path, record: dict) -> None:

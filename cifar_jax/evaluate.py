@@ -10,12 +10,11 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-import jax
 import numpy as np
 
 from cifar_jax import checkpoint, parallel
 from cifar_jax.data import Cifar10, check_dataset, load_cifar10
-from cifar_jax.train import Evaluator, abstract_params, init_params, loss_and_accuracy
+from cifar_jax.train import Evaluator, abstract_model, abstract_params, loss_and_accuracy
 
 DEFAULT_EVAL_BATCH_SIZE = 1000  # used when a checkpoint's config does not say
 
@@ -109,7 +108,7 @@ def model_logits(model_name: str, params: Any, standardize: bool, images_nhwc_ui
     """Logits of every image, in order, computed on `num_devices` devices (all when None); with `tta_flip`,
     averaged with the mirror images' logits."""
     devices = parallel.DeviceSet.select(num_devices)
-    graphdef, _ = jax.eval_shape(lambda: init_params(model_name, 0))  # the structure only, nothing initialised
+    graphdef, _ = abstract_model(model_name)
     batch = eval_batch_size(requested_batch, len(images_nhwc_uint8), devices.global_count)
     evaluator = Evaluator(graphdef, standardize, batch, devices, tta_flip)
     return evaluator.logits(devices.replicate(params), devices.replicate(images_nhwc_uint8), len(images_nhwc_uint8))

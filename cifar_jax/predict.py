@@ -31,7 +31,7 @@ from cifar_jax.data import CIFAR10_MEAN, CIFAR10_STD, normalize_images
 from cifar_jax.errors import CheckpointError, InputError
 from cifar_jax.models import IMAGE_SHAPE
 from cifar_jax.parallel import DeviceSet, wait_if_queue_full
-from cifar_jax.train import abstract_params, inference_logits, init_params
+from cifar_jax.train import abstract_model, abstract_params, inference_logits
 
 MODEL_SIZE = (IMAGE_SHAPE[1], IMAGE_SHAPE[0])  # (width, height), PIL's order
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # found in folders
@@ -374,8 +374,7 @@ class Predictor:
         metadata = restored.metadata
         normalization = metadata["normalization"]
         _check_normalization(normalization, workdir_or_checkpoint)
-        # Only the structure is needed: eval_shape builds it without initialising any parameters.
-        graphdef, _ = jax.eval_shape(lambda: init_params(metadata["model"], 0))
+        graphdef, _ = abstract_model(metadata["model"])
         return cls(graphdef, restored.params, metadata["class_names"], normalization["standardize"],
                    batch_size=batch_size, devices=DeviceSet.select(num_devices), metadata=metadata,
                    step=restored.step, tta_flip=bool(metadata.get("config", {}).get("tta_flip")))

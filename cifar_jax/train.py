@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
@@ -57,9 +58,14 @@ def init_params(model_name: str, seed: int) -> tuple[nnx.GraphDef, dict]:
     return graphdef, nnx.to_pure_dict(params)
 
 
+def abstract_model(model_name: str) -> tuple[nnx.GraphDef, dict]:
+    """A model's structure and parameter shapes/dtypes, built without initialising anything."""
+    return jax.eval_shape(lambda: init_params(model_name, 0))
+
+
 def abstract_params(model_name: str) -> dict:
     """Parameter shapes/dtypes of a model without initialising it (for restoring checkpoints)."""
-    return jax.eval_shape(lambda: init_params(model_name, 0)[1])
+    return abstract_model(model_name)[1]
 
 
 def apply_model(graphdef: nnx.GraphDef, params: dict, images: jax.Array, dtype: str = "float32",
@@ -221,8 +227,13 @@ def loss_and_accuracy(logits: np.ndarray, labels: np.ndarray) -> tuple[float, fl
 
 @contextlib.contextmanager
 def stop_requests():
-    """Turn SIGINT/SIGTERM into a flag the loop checks after each step, so it can save and exit cleanly."""
+    """Turn SIGINT/SIGTERM into a flag the loop checks after each step, so it can save and exit cleanly.
+
+    Only the main thread may handle signals: train() called from another thread runs without the flag."""
     requested = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
 
     def handler(signum, _frame):
         requested["signal"] = signal.Signals(signum).name
@@ -440,7 +451,7 @@ def _run_epochs(config, workdir, dataset: Cifar10, devices: parallel.DeviceSet, 
             # A stop on an epoch's last step instead finishes the epoch below: a mid-epoch checkpoint there would
             # take the optimizer step the epoch's own checkpoint needs, and the resumed run could never save it.
             save(epoch, steps_done, None)
-            return _stopped(stop_signal, manager, workdir, history, state, f"epoch {epoch + 1}, step {steps_done}")
+            return _stopped(stop_signal, manager, workdir, history, state, epoch, steps_done)
 
         params = state.params
         test_logits = evaluator.logits(params, test_images, len(dataset.test_labels))
@@ -463,15 +474,16 @@ def _run_epochs(config, workdir, dataset: Cifar10, devices: parallel.DeviceSet, 
             write_history(workdir, history)
             print(_epoch_line(metrics), flush=True)
         if stop_signal:
-            return _stopped(stop_signal, manager, workdir, history, state, f"the end of epoch {epoch + 1}")
+            return _stopped(stop_signal, manager, workdir, history, state, epoch, steps_done)
     return TrainResult(history, workdir, parallel.unreplicate(state).params)
 
 
-def _stopped(stop_signal: str, manager, workdir: Path, history: list[dict], state, where: str) -> TrainResult:
+def _stopped(stop_signal: str, manager, workdir: Path, history: list[dict], state, epoch: int,
+             steps_done: int) -> TrainResult:
     checkpoint.wait_for_saves(manager)
     if parallel.is_main_process():
-        print(f"{stop_signal}: saved a checkpoint at {where}; resume with: cifar-jax train --workdir {workdir}",
-              flush=True)
+        print(f"{stop_signal}: saved a checkpoint at epoch {epoch + 1}, step {steps_done}; resume with: "
+              f"cifar-jax train --workdir {workdir}", flush=True)
     return TrainResult(history, workdir, parallel.unreplicate(state).params, interrupted=True)
 
 

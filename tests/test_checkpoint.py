@@ -4,8 +4,6 @@ Killing real processes (SIGKILL mid-epoch and mid-save, SIGTERM) is in test_pree
 """
 import dataclasses
 import importlib
-import json
-import shutil
 
 import jax
 import numpy as np

@@ -5,7 +5,6 @@ import re
 import struct
 import zlib
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image

@@ -114,7 +114,7 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes_exactly(data_dir, tmp_path
     wait_for(lambda: committed_steps(workdir), "the first checkpoint", process)
     process.send_signal(signal.SIGTERM)
     output = finish(process)
-    assert f"SIGTERM: saved a checkpoint at epoch" in output
+    assert "SIGTERM: saved a checkpoint at epoch" in output
     assert f"resume with: cifar-jax train --workdir {workdir}" in output
     interrupted_step = max(committed_steps(workdir))
     assert interrupted_step > committed_steps(workdir)[0]

@@ -3,6 +3,7 @@ import dataclasses
 import importlib
 import json
 import os
+import threading
 import time
 
 import jax
@@ -151,6 +152,14 @@ def test_a_run_stopped_on_any_step_resumes_to_the_same_parameters(tmp_path, lear
     resumed = train(quick_config(tmp_path, workdir=str(tmp_path / "stopped")))
     assert not resumed.interrupted and [row["epoch"] for row in resumed.history] == [1, 2]
     np.testing.assert_array_equal(flat(straight.params), flat(resumed.params))
+
+
+def test_train_runs_in_a_thread_other_than_the_main_one(tmp_path, learnable_data):
+    results = []
+    worker = threading.Thread(target=lambda: results.append(train(quick_config(tmp_path, epochs=1))))
+    worker.start()
+    worker.join()
+    assert len(results) == 1 and [row["epoch"] for row in results[0].history] == [1]
 
 
 def test_a_finished_run_is_not_trained_again(tmp_path, learnable_data):
