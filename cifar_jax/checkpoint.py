@@ -25,8 +25,7 @@ from orbax.checkpoint import checkpoint_managers
 
 from cifar_jax import distributed, parallel
 from cifar_jax.config import is_whole_number
-from cifar_jax.distributed import first_line
-from cifar_jax.errors import CheckpointError, CheckpointSaveError, CifarJaxError
+from cifar_jax.errors import CheckpointError, CheckpointSaveError, CifarJaxError, first_line
 
 CHECKPOINTS_SUBDIR = "checkpoints"
 BEST_METRIC = "test_accuracy"

@@ -31,7 +31,7 @@ import jax
 from cifar_jax.cli import flag_type
 from cifar_jax.config import TrainConfig, conflicting_fields
 from cifar_jax.distributed import exit_now
-from cifar_jax.errors import CheckpointSaveError, CifarJaxError, ConfigError
+from cifar_jax.errors import CheckpointSaveError, CifarJaxError, ConfigError, first_line
 from cifar_jax.models import MODELS, count_params
 from cifar_jax.report import markdown_table, read_history
 from cifar_jax.train import stop_requests, train, write_json_atomically
@@ -266,8 +266,7 @@ def train_run(config: TrainConfig) -> dict:
     except CifarJaxError as error:
         record = {"status": FAILED, "error": str(error)}
     except Exception as error:  # a bug or a device error (out of memory) in one run must not stop the others
-        first_line = (str(error).strip().splitlines() or [""])[0]
-        record = {"status": FAILED, "error": f"{type(error).__name__}: {first_line}"}
+        record = {"status": FAILED, "error": first_line(error)}
     record["wall_seconds"] = time.perf_counter() - started
     write_run_record(workdir, record)
     return record

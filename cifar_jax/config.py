@@ -13,7 +13,7 @@ import numpy as np
 
 from cifar_jax.augment import PAD_MODES
 from cifar_jax.data import DATA_SOURCES
-from cifar_jax.errors import ConfigError
+from cifar_jax.errors import ConfigError, one_line
 from cifar_jax.models import IMAGE_SHAPE, MODELS
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -216,7 +216,7 @@ class TrainConfig:
         try:
             values = json.loads(Path(path).read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ConfigError(f"{path} is not a readable run config ({' '.join(str(error).split())}): restore it "
+            raise ConfigError(f"{path} is not a readable run config ({one_line(error)}): restore it "
                               "from a backup, or train into a new --workdir") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path} holds {type(values).__name__}, not a run config: restore it from a backup, "

@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional, Union
 import jax.numpy as jnp
 import numpy as np
 
-from cifar_jax.errors import DataError
+from cifar_jax.errors import DataError, one_line
 
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 # Per-channel mean and std of the 50,000 training images on the [0, 1] scale (the commonly published values).
@@ -142,10 +142,6 @@ def load_cifar10(data_dir: Union[str, os.PathLike, None] = None, source: str = "
 
 # ---- Decoding one batch file (both official formats) -------------------------------------------------------------
 
-def _one_line(error: object) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def _planes_to_nhwc(rows: np.ndarray) -> np.ndarray:
     """(N, 3072) rows of red, green and blue 32x32 planes -> (N, 32, 32, 3)."""
     return np.ascontiguousarray(rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
@@ -189,7 +185,7 @@ def _decode_python_batch(blob: bytes, where: str) -> tuple[np.ndarray, np.ndarra
     try:
         batch = _BatchUnpickler(io.BytesIO(blob), encoding="bytes").load()  # the files come from Python 2
     except Exception as error:  # a damaged pickle fails in many ways; all mean the same to the user
-        raise DataError(f"{where} is not a CIFAR-10 python batch ({_one_line(error)}): "
+        raise DataError(f"{where} is not a CIFAR-10 python batch ({one_line(error)}): "
                         "replace it with a fresh copy of the official archive") from None
     rows = batch.get(b"data") if isinstance(batch, dict) else None
     labels = batch.get(b"labels") if isinstance(batch, dict) else None
@@ -244,7 +240,7 @@ def _read_tar_gz_members(archive_bytes: bytes, archive_format: _ArchiveFormat, w
                 if member.isfile() and folder_and_name in wanted:
                     members[folder_and_name[1]] = tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
-        raise DataError(f"{where} is not a readable .tar.gz ({_one_line(error)}): it is truncated or corrupt; "
+        raise DataError(f"{where} is not a readable .tar.gz ({one_line(error)}): it is truncated or corrupt; "
                         f"delete it and place a fresh copy of {archive_format.archive_name}") from None
     return members
 
@@ -339,7 +335,7 @@ def _download_official_archive(data_dir: Path) -> Path:
         digest = _fetch(DOWNLOAD_URL, partial, DOWNLOAD_TIMEOUT_S)
     except (OSError, http.client.HTTPException, ValueError) as error:
         partial.unlink(missing_ok=True)
-        raise DataError(f"CIFAR-10 is not in {data_dir} and downloading {DOWNLOAD_URL} failed ({_one_line(error)}): "
+        raise DataError(f"CIFAR-10 is not in {data_dir} and downloading {DOWNLOAD_URL} failed ({one_line(error)}): "
                         f"place {_BINARY.archive_name} (or {_PYTHON.archive_name}) in {data_dir} and run again") from None
     if digest != DOWNLOAD_SHA256:
         partial.unlink()
@@ -389,6 +385,6 @@ def _load_tfds(version_dir: Path) -> Cifar10:
     except DataError:
         raise
     except Exception as error:  # TFDS fails in many ways on damaged files; all mean the same to the user
-        raise DataError(f"reading the TFDS dataset in {version_dir} failed ({_one_line(error)}): prepare it again, "
+        raise DataError(f"reading the TFDS dataset in {version_dir} failed ({one_line(error)}): prepare it again, "
                         f"or remove {version_dir} to load an official archive instead") from None
     return Cifar10(*train, *test, class_names=CLASS_NAMES, source=f"tfds:{version_dir}")

@@ -31,7 +31,7 @@ from typing import BinaryIO, Iterable, Iterator, Mapping, Optional, Sequence
 import jax
 import numpy as np
 
-from cifar_jax.errors import CifarJaxError, ConfigError
+from cifar_jax.errors import CifarJaxError, ConfigError, first_line
 
 ENV_PREFIX = "CIFAR_JAX_"
 DEFAULT_HEARTBEAT_TIMEOUT_SECONDS = 100  # JAX's own default: a silent peer is declared dead after this
@@ -219,11 +219,6 @@ def exit_now(status: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
-
-
-def first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 # ---------------------------------------------------------------- the supervisor of a multi-process run's worker

@@ -1,4 +1,5 @@
-"""The one exception type users see: its message says what was wrong and what to do."""
+"""The exception types users see (each message says what was wrong and what to do), and the one-line forms of
+other libraries' errors quoted in them."""
 
 
 class CifarJaxError(Exception):
@@ -27,3 +28,14 @@ class TrainingDivergedError(CifarJaxError):
 
 class InputError(CifarJaxError):
     """An image, file or array given for prediction cannot be used."""
+
+
+def one_line(error: BaseException) -> str:
+    """A library's error message on one line (whitespace collapsed), or its type's name when it has none."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def first_line(error: BaseException) -> str:
+    """The type and first line of an error whose message may run to a long trace (TensorStore, gRPC, decoders)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]

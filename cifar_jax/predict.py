@@ -28,7 +28,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from cifar_jax import checkpoint
 from cifar_jax.config import is_whole_number
 from cifar_jax.data import CIFAR10_MEAN, CIFAR10_STD, normalize_images
-from cifar_jax.errors import CheckpointError, InputError
+from cifar_jax.errors import CheckpointError, InputError, first_line
 from cifar_jax.models import IMAGE_SHAPE
 from cifar_jax.parallel import DeviceSet, wait_if_queue_full
 from cifar_jax.train import abstract_model, abstract_params, inference_logits
@@ -177,7 +177,7 @@ def read_image_file(path: Union[str, os.PathLike]) -> np.ndarray:
     except UnidentifiedImageError:
         raise InputError(f"{path} is not an image file PIL can read (expected PNG, JPEG, BMP, GIF, WebP, TIFF…)") from None
     except Exception as error:  # corrupt data can fail anywhere inside a decoder, with any exception type
-        raise InputError(f"{path} could not be decoded ({type(error).__name__}: {error}): "
+        raise InputError(f"{path} could not be decoded ({first_line(error)}): "
                          "the file may be truncated or corrupt") from None
 
 
