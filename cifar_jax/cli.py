@@ -11,13 +11,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from cifar_jax.config import value_type
 from cifar_jax.errors import CheckpointSaveError, CifarJaxError
-
-
-def flag_type(annotation: Any) -> Any:
-    """int / float / str / bool from a field annotation such as Optional[float]."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    return args[0] if args else annotation
 
 
 def add_config_flags(parser: argparse.ArgumentParser, config_class: type, skip: tuple[str, ...] = ()) -> None:
@@ -27,7 +22,7 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type, skip: 
         if field.name in skip:
             continue
         flag = "--" + field.name.replace("_", "-")
-        kind = flag_type(hints[field.name])
+        kind = value_type(hints[field.name])
         help_text = f"{field.metadata.get('help', '')} (default: {field.default})"
         if kind is bool:
             parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)

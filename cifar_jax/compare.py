@@ -28,8 +28,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import jax
 
-from cifar_jax.cli import flag_type
-from cifar_jax.config import TrainConfig, conflicting_fields
+from cifar_jax.config import TrainConfig, conflicting_fields, value_type
 from cifar_jax.distributed import exit_now
 from cifar_jax.errors import CheckpointSaveError, CifarJaxError, ConfigError, first_line
 from cifar_jax.models import MODELS, count_params
@@ -71,7 +70,7 @@ class Run:
 def config_field_types() -> dict[str, tuple[type, bool]]:
     """Each TrainConfig field's value type and whether it may be None (Optional[float] → (float, True))."""
     hints = typing.get_type_hints(TrainConfig)
-    return {field.name: (flag_type(hints[field.name]), type(None) in typing.get_args(hints[field.name]))
+    return {field.name: (value_type(hints[field.name]), type(None) in typing.get_args(hints[field.name]))
             for field in dataclasses.fields(TrainConfig)}
 
 

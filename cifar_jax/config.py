@@ -6,6 +6,7 @@ import json
 import math
 import os
 import time
+import typing
 from pathlib import Path
 from typing import Any, Optional
 
@@ -222,6 +223,12 @@ class TrainConfig:
             raise ConfigError(f"{path} holds {type(values).__name__}, not a run config: restore it from a backup, "
                               "or train into a new --workdir")
         return cls.from_dict(values)
+
+
+def value_type(annotation: Any) -> Any:
+    """int / float / str / bool from a config field's annotation such as Optional[float] (for flags and grids)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if args else annotation
 
 
 def _is_number(value: Any) -> bool:
