@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import itertools
 import json
 import os
@@ -15,7 +16,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -283,15 +284,19 @@ def checked_workdir(config: TrainConfig) -> Path:
     saved_config_path = workdir / "config.json"
     checkpoints = checkpoint.run_checkpoints(workdir)
     check_can_create(checkpoints)
+    if workdir.name == checkpoint.CHECKPOINTS_SUBDIR and (workdir.parent / "config.json").exists():
+        raise ConfigError(f"{workdir} is the checkpoints folder of the run in {workdir.parent}: resume that run with "
+                          f"--workdir {workdir.parent}, or choose a new --workdir")
     has_checkpoints = checkpoints.is_dir() and any(checkpoints.iterdir())
     if saved_config_path.exists():
         conflicts = conflicting_fields(TrainConfig.load(saved_config_path), config)
         if conflicts:
             raise ConfigError(f"{workdir} holds a different run ({'; '.join(conflicts)}): "
                               "use a new --workdir, or drop the conflicting options to resume it")
-    elif (workdir / "metrics.jsonl").exists() and not has_checkpoints:
-        raise ConfigError(f"{workdir} holds results of another run (metrics.jsonl, no config.json): "
-                          "choose a new --workdir so they are not overwritten")
+    metrics = workdir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size and not has_checkpoints:
+        raise ConfigError(f"{workdir} holds results (metrics.jsonl) but no checkpoint to resume from: choose a new "
+                          "--workdir so they are not overwritten")
     if has_checkpoints and not config.resume:
         raise ConfigError(f"{workdir} already has checkpoints and --no-resume was given: "
                           "choose a new --workdir, or drop --no-resume to continue that run")
@@ -305,6 +310,28 @@ def check_can_create(folder: Path) -> None:
         raise ConfigError(f"{nearest} is a file, not a folder: choose a new --workdir")
     if not os.access(nearest, os.W_OK):
         raise ConfigError(f"cannot write in {nearest}: choose a --workdir in a folder you can write to")
+
+
+@contextlib.contextmanager
+def exclusive_use(workdir: Path) -> Iterator[None]:
+    """Refuse a second run training into the same folder at the same time: their checkpoints and metrics would mix.
+
+    A lock on the folder itself, taken by process 0 (the other processes of a run write beside it); the system
+    drops it when the process ends, however it ends.
+    """
+    if not parallel.is_main_process():
+        yield
+        return
+    folder = os.open(workdir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"{workdir} is in use by another training run: wait for it to end, or choose a new "
+                              "--workdir") from None
+        yield
+    finally:
+        os.close(folder)
 
 
 def new_folder(path: Path) -> Path:
@@ -375,14 +402,15 @@ def train(config: TrainConfig) -> TrainResult:
     else:
         check_can_create(Path(config.workdir))
     dataset = load_cifar10(config.data_dir, config.data)
+    steps_per_epoch = optim.steps_per_epoch(len(dataset.train_labels), config.batch_size)
     # Only now: a run that cannot start leaves no empty folder behind.
     if named_workdir:
         workdir.mkdir(parents=True, exist_ok=True)
     else:  # a fresh timestamped folder, even if a run started in the same second took that name meanwhile
         workdir = new_folder(Path(config.workdir))
         config = dataclasses.replace(config, workdir=str(workdir))
-    optimizer = create_optimizer(config, optim.steps_per_epoch(len(dataset.train_labels), config.batch_size))
-    with checkpoint.managed(workdir, keep_latest=config.keep_checkpoints) as manager:
+    optimizer = create_optimizer(config, steps_per_epoch)
+    with exclusive_use(workdir), checkpoint.managed(workdir, keep_latest=config.keep_checkpoints) as manager:
         graphdef, state, running, position = restore_or_init(config, manager, optimizer, dataset)
         if position.epoch > config.epochs:
             raise ConfigError(f"{workdir} has already trained {position.epoch} epochs, more than the "
@@ -500,7 +528,7 @@ def _checked_sums(running_replicated: dict, epoch: int) -> dict:
     if sums["first_nonfinite_step"] >= 0:
         raise TrainingDivergedError(
             f"loss or gradients became NaN/Inf in epoch {epoch + 1} at step {sums['first_nonfinite_step']} of the run: "
-            "lower --learning-rate; the last good checkpoint is kept")
+            "train again in a new --workdir with a lower --learning-rate (checkpoints saved before it are kept)")
     return sums
 
 

@@ -3,6 +3,7 @@ import dataclasses
 import importlib
 import json
 import os
+import shutil
 import threading
 import time
 
@@ -304,6 +305,37 @@ def test_a_run_over_several_processes_needs_a_workdir(tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "load_cifar10", lambda *a, **k: pytest.fail("data was loaded"))
     with pytest.raises(ConfigError, match="a run over several processes needs --workdir"):
         train(quick_config(tmp_path, workdir=None))
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_and_writes_nothing(tmp_path, learnable_data):
+    train(quick_config(tmp_path, epochs=1))
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    with train_module.exclusive_use(tmp_path / "run"):  # as a run training there now holds it
+        with pytest.raises(ConfigError, match=f"{tmp_path / 'run'} is in use by another training run: wait for it"):
+            train(quick_config(tmp_path, epochs=2))
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+    assert [row["epoch"] for row in train(quick_config(tmp_path, epochs=2)).history] == [1, 2]  # free again
+
+
+def test_results_whose_checkpoints_are_gone_are_not_overwritten(tmp_path, learnable_data):
+    train(quick_config(tmp_path, epochs=1))
+    shutil.rmtree(tmp_path / "run" / "checkpoints")
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match=r"holds results \(metrics.jsonl\) but no checkpoint to resume from"):
+        train(quick_config(tmp_path, epochs=1))
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
+
+
+def test_a_runs_checkpoints_folder_is_not_taken_for_a_new_run(tmp_path, learnable_data):
+    train(quick_config(tmp_path, epochs=1))
+    with pytest.raises(ConfigError, match=f"is the checkpoints folder of the run in {tmp_path / 'run'}: resume"):
+        train(quick_config(tmp_path, epochs=1, workdir=str(tmp_path / "run" / "checkpoints")))
+
+
+def test_a_batch_larger_than_the_data_leaves_no_folder_behind(tmp_path, learnable_data):
+    with pytest.raises(ConfigError, match="batch_size 1024 is larger than the 512 training images"):
+        train(quick_config(tmp_path, batch_size=1024))
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("garbage", ["{'model': ", "[1, 2]"])
