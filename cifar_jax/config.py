@@ -117,8 +117,12 @@ class TrainConfig:
         config = config._with_fallback_defaults()
         config.validate()
         # Folders as text: the config is saved as JSON, and a pathlib.Path is what a Python caller often passes.
-        return dataclasses.replace(config, **{name: os.fspath(getattr(config, name)) for name in ("workdir", "data_dir")
-                                              if getattr(config, name) is not None})
+        # The data folder absolute, so that evaluating or resuming the run from another folder finds the same data.
+        folders = {name: os.fspath(getattr(config, name)) for name in ("workdir", "data_dir")
+                   if getattr(config, name) is not None}
+        if "data_dir" in folders:
+            folders["data_dir"] = os.path.abspath(os.path.expanduser(folders["data_dir"]))
+        return dataclasses.replace(config, **folders)
 
     def _with_fallback_defaults(self) -> "TrainConfig":
         """Warm-up and weight decay that neither the flags nor the recipe set take their per-schedule/optimizer default."""

@@ -257,6 +257,16 @@ def _warn_if_unofficial(archive_bytes: bytes, path: Path, archive_format: _Archi
                       f"{archive_format.official_sha256}); using it anyway because it was placed by hand", stacklevel=4)
 
 
+def _check_equal_batches(path: Path, archive_format: _ArchiveFormat, image_counts: dict[str, int]) -> None:
+    """The training batch files split the images evenly (10,000 each in the official archive): a file cut exactly at
+    a record boundary still decodes, but holds fewer."""
+    shortest = min(image_counts, key=image_counts.get)
+    if max(image_counts.values()) - image_counts[shortest] > 1:
+        raise DataError(f"{path}: {shortest} holds {image_counts[shortest]} images, the other batch files up to "
+                        f"{max(image_counts.values())}: it is truncated; replace it with a fresh copy of "
+                        f"{archive_format.archive_name}")
+
+
 def _load_archive(path: Path, archive_format: _ArchiveFormat, hand_placed: bool = True) -> Cifar10:
     """Reads a packed (.tar.gz) or unpacked archive; a hand-placed packed one is trusted, with a warning if unofficial."""
     if path.is_dir():
@@ -274,6 +284,7 @@ def _load_archive(path: Path, archive_format: _ArchiveFormat, hand_placed: bool 
             raise DataError(f"{path} lacks {archive_format.folder}/{missing[0]}: it is incomplete; "
                             f"replace it with a fresh copy of {archive_format.archive_name}")
         batches = [archive_format.decode_batch(members[name], f"{path}: {name}") for name in names]
+        _check_equal_batches(path, archive_format, {name: len(labels) for name, (_, labels) in zip(names, batches)})
         arrays[split] = (np.concatenate([images for images, _ in batches]),
                          np.concatenate([labels for _, labels in batches]))
     return Cifar10(*arrays["train"], *arrays["test"], class_names=CLASS_NAMES, source=f"archive:{path}")

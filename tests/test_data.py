@@ -149,6 +149,15 @@ def test_record_file_of_wrong_size_is_refused(tmp_path):
     assert_one_line_error(error, "data_batch_2.bin", 6 * 3073 + 5, "3073-byte records")
 
 
+def test_a_batch_file_cut_at_a_record_boundary_is_refused(tmp_path):
+    folder = cifar_fixtures.write_binary_folder(tmp_path, *TINY)  # 6 training images per batch file
+    os.truncate(folder / "data_batch_3.bin", 3 * 3073)
+    with pytest.raises(DataError) as error:
+        load_cifar10(tmp_path)
+    assert_one_line_error(error, "data_batch_3.bin holds 3 images, the other batch files up to 6", "truncated",
+                          "cifar-10-binary.tar.gz")
+
+
 @pytest.mark.parametrize("write", [cifar_fixtures.write_binary_folder, cifar_fixtures.write_python_folder])
 def test_label_out_of_range_is_refused(tmp_path, write):
     write(tmp_path, TINY.train_images, TINY.train_labels, TINY.test_images, np.full(10, 11))

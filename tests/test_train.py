@@ -253,6 +253,12 @@ def test_folders_may_be_given_as_paths(tmp_path, learnable_data):
     assert [row["epoch"] for row in result.history] == [1]
 
 
+def test_a_relative_data_folder_is_saved_absolute(tmp_path, learnable_data, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train(quick_config(tmp_path, epochs=1, data_dir="data/cifar"))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data_dir"] == str(tmp_path / "data" / "cifar")
+
+
 def test_workdir_of_a_different_run_is_refused(tmp_path, learnable_data):
     train(quick_config(tmp_path, epochs=1))
     with pytest.raises(ConfigError, match=r"holds a different run \(learning_rate: 0.001 in the run vs 0.01"):
