@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import logging
 import os
 import sys
@@ -288,10 +289,13 @@ def one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 
 def ignore_late_async_callbacks(unraisable) -> None:
-    """A failed checkpoint read closes Orbax's event loop while TensorStore's other reads still call back into it:
-    their 'Event loop is closed' tracebacks would bury the one error line that says what happened."""
+    """A failed checkpoint read closes Orbax's event loop while TensorStore's other reads still call back into it,
+    and its reading coroutines still fail as they are collected: those tracebacks ('Event loop is closed', each
+    failed read with TensorStore's whole spec) would bury the one line that says what happened. The package has no
+    coroutines of its own."""
     error = unraisable.exc_value
-    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+    late_callback = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+    if not (late_callback or inspect.iscoroutine(getattr(unraisable, "object", None))):
         sys.__unraisablehook__(unraisable)
 
 
@@ -299,21 +303,16 @@ def not_an_abandoned_task_error(record: logging.LogRecord) -> bool:
     """After a failed checkpoint read, TensorStore's other reads of it fail in asyncio tasks nobody awaits any more,
     and asyncio logs each (with its stack trace) when it is collected, after the error line. The package starts no
     asyncio tasks of its own, and the libraries' failures reach it through the calls it makes."""
-    return not record.getMessage().startswith("Task exception was never retrieved")
-
-
-def without_stack_trace(record: logging.LogRecord) -> bool:
-    """Orbax logs a failed background save with its stack trace before the command's own error line says what
-    happened and what to do; its log line is kept, the trace dropped."""
-    record.exc_info = record.exc_text = None
-    return True
+    return not record.getMessage().split("\n", 1)[0].endswith("exception was never retrieved")
 
 
 def speak_in_one_line_per_problem() -> None:
     """A command's warnings, Orbax's log lines and late library callbacks print as single lines, not stack traces."""
     warnings.formatwarning = one_line_warning
     sys.unraisablehook = ignore_late_async_callbacks
-    logging.getLogger("absl").addFilter(without_stack_trace)
+    # Orbax logs a failed background save in several lines (with traces) before the command's own error line says
+    # it once, with what to do; and warns on every mid-epoch save that it carries no test metrics, which is so.
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
     logging.getLogger("asyncio").addFilter(not_an_abandoned_task_error)
 
 

@@ -38,4 +38,5 @@ def one_line(error: BaseException) -> str:
 def first_line(error: BaseException) -> str:
     """The type and first line of an error whose message may run to a long trace (TensorStore, gRPC, decoders)."""
     lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+    first = lines[0].split(" See full TensorStore details")[0] if lines else ""  # then a dump of its whole spec
+    return f"{type(error).__name__}: {first}"[:300]
