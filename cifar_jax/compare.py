@@ -214,11 +214,14 @@ def check_out_dir(runs: Sequence[Run], out_dir: Path) -> None:
         if conflicts:
             raise ConfigError(f"{out_dir} holds a comparison with other settings (run {run.name}: "
                               f"{'; '.join(conflicts)}): use a new --out, or the settings it was run with")
-    # A grid may grow (its tables then show every run), but one that leaves earlier runs out would drop their rows.
+    # A grid may grow (its tables then show every run), but one that leaves earlier runs out would drop their rows;
+    # a run that failed before finishing an epoch (a bad value in the grid) has no results to lose.
     earlier_table = out_dir / RESULTS_CSV
     if earlier_table.is_file():
         with earlier_table.open(newline="") as table:
-            left_out = sorted({row.get("run") for row in csv.DictReader(table)} - {run.name for run in runs})
+            with_results = {row.get("run") for row in csv.DictReader(table)
+                            if not (row.get("status") == FAILED and not row.get("train_loss"))}
+        left_out = sorted(with_results - {run.name for run in runs})
         if left_out:
             raise ConfigError(f"{out_dir} holds a comparison with runs this grid leaves out ({', '.join(left_out)}): "
                               "use a new --out, or include them in the grid")

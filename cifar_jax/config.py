@@ -163,7 +163,8 @@ class TrainConfig:
             raise ConfigError(f"unknown lr_schedule {self.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
         if not (_is_number(self.warmup_epochs) and 0 <= self.warmup_epochs < self.epochs):
             raise ConfigError(f"warmup_epochs must be a number from 0 to less than epochs ({self.epochs}), "
-                              f"got {self.warmup_epochs!r}")
+                              f"got {self.warmup_epochs!r} (the {self.recipe} recipe's, if you did not set it): "
+                              "give a smaller --warmup-epochs or more --epochs")
         if self.lr_schedule == "onecycle" and not self.warmup_epochs:
             raise ConfigError("the onecycle schedule needs warmup_epochs > 0 (its rising phase): "
                               "leave --warmup-epochs unset for 0.3 x epochs")

@@ -211,6 +211,14 @@ def test_a_failing_run_is_recorded_with_its_error_and_the_others_finish(learnabl
     assert captured.err.strip().splitlines()[-1] == (
         f"cifar-jax: error: 3 of 4 runs failed: each one's error is above and in the status column of {out / 'results.md'}")
 
+    # The grid fixed: the runs that failed before training have no results to lose, so leaving them out is fine.
+    code = main(["compare", "--models", "model0", "--grid", "learning_rate=1e-3", "--grid", "batch_size=32",
+                 "--epochs", "1", "--eval-batch-size", "100", "--data-dir", str(learnable_data_dir), "--out", str(out),
+                 "--no-progress"])
+    assert code == 0 and [row["run"] for row in read_csv(out / "results.csv")] == [
+        "model=model0,learning_rate=0.001,batch_size=32"]
+    assert "finished earlier, skipped" in capsys.readouterr().out
+
 
 def test_a_failed_checkpoint_write_is_recorded_and_ends_the_comparison_at_once(tmp_path, monkeypatch, capsys):
     started = []

@@ -228,6 +228,8 @@ def test_recipe_fields_are_cli_flags():
     ({"recipe": "fast"}, "unknown recipe 'fast': choose one of tutorial, tuned"),
     ({"lr_schedule": "step"}, "unknown lr_schedule 'step': choose one of constant, cosine, onecycle"),
     ({"warmup_epochs": 10.0}, r"warmup_epochs must be a number from 0 to less than epochs \(10\), got 10.0"),
+    ({"recipe": "tuned", "epochs": 1}, r"less than epochs \(1\), got 1.0 \(the tuned recipe's, if you did not set "
+                                       r"it\): give a smaller --warmup-epochs or more --epochs"),
     ({"lr_schedule": "onecycle", "warmup_epochs": 0.0}, "onecycle schedule needs warmup_epochs > 0"),
     ({"weight_decay": -1.0}, "weight_decay must be a non-negative number"),
     ({"grad_clip_norm": float("nan")}, "grad_clip_norm must be a non-negative number"),
