@@ -412,7 +412,7 @@ class Predictor:
 
     def predict(self, images: Union[ImageInput, Sequence[ImageInput]], errors: str = "raise") -> Predictions:
         """Class probabilities of images: an array (N,H,W,3)/(H,W,3) uint8 or float in [0, 1], a file path,
-        a PIL image, or a list mixing them; any size is resized to 32×32.
+        a PIL image, or a list mixing them; any size up to 64 megapixels is resized to 32×32.
 
         errors="raise" stops at the first bad input (InputError naming it); "skip" leaves it out and lists it
         in the result's `errors`.

@@ -43,6 +43,8 @@ def main(argv: list[str]) -> int:
     if "--table" in argv:
         print(table([arg for arg in argv if arg != "--table"]))
         return 0
+    if {"-h", "--help"} & set(argv):  # this script's own option first, then the command it stands for
+        print(__doc__.strip() + "\n\nEvery other flag is `cifar-jax benchmark`'s:\n", flush=True)
     from cifar_jax.cli import main as cli_main
 
     return cli_main(["benchmark", *argv])
