@@ -278,8 +278,8 @@ def checkpoint_metadata(config: TrainConfig, dataset: Cifar10, epoch: int, step_
 # ---------------------------------------------------------------- the run
 
 
-def checked_workdir(config: TrainConfig) -> Path:
-    """The run folder, refusing to mix this run with a different earlier one (created once the data has loaded)."""
+def check_workdir(config: TrainConfig) -> None:
+    """Refuse a run folder that would mix this run with a different earlier one (before anything is created)."""
     workdir = Path(config.workdir).expanduser()
     saved_config_path = workdir / "config.json"
     checkpoints = checkpoint.run_checkpoints(workdir)
@@ -300,7 +300,6 @@ def checked_workdir(config: TrainConfig) -> Path:
     if has_checkpoints and not config.resume:
         raise ConfigError(f"{workdir} already has checkpoints and --no-resume was given: "
                           "choose a new --workdir, or drop --no-resume to continue that run")
-    return workdir
 
 
 def check_can_create(folder: Path) -> None:
@@ -334,8 +333,12 @@ def exclusive_use(workdir: Path) -> Iterator[None]:
         os.close(folder)
 
 
-def new_folder(path: Path) -> Path:
-    """Create `path`, or PATH-2, PATH-3, ... if it exists: a folder no other run uses."""
+def created_workdir(path: Path, named: bool) -> Path:
+    """The run folder, made if missing. One the user named may hold the run to resume; a default timestamped one is
+    always fresh: `path`, or PATH-2, PATH-3, ... if a run started in the same second took that name meanwhile."""
+    if named:
+        path.mkdir(parents=True, exist_ok=True)
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     for attempt in itertools.count(1):
         candidate = path if attempt == 1 else path.with_name(f"{path.name}-{attempt}")
@@ -398,17 +401,14 @@ def train(config: TrainConfig) -> TrainResult:
     devices = parallel.DeviceSet.select(config.num_devices)
     config.check_devices(devices.global_count)
     if named_workdir:
-        workdir = checked_workdir(config)
+        check_workdir(config)
     else:
         check_can_create(Path(config.workdir))
     dataset = load_cifar10(config.data_dir, config.data)
     steps_per_epoch = optim.steps_per_epoch(len(dataset.train_labels), config.batch_size)
     # Only now: a run that cannot start leaves no empty folder behind.
-    if named_workdir:
-        workdir.mkdir(parents=True, exist_ok=True)
-    else:  # a fresh timestamped folder, even if a run started in the same second took that name meanwhile
-        workdir = new_folder(Path(config.workdir))
-        config = dataclasses.replace(config, workdir=str(workdir))
+    workdir = created_workdir(Path(config.workdir).expanduser(), named_workdir)
+    config = dataclasses.replace(config, workdir=str(workdir))
     optimizer = create_optimizer(config, steps_per_epoch)
     with exclusive_use(workdir), checkpoint.managed(workdir, keep_latest=config.keep_checkpoints) as manager:
         graphdef, state, running, position = restore_or_init(config, manager, optimizer, dataset)
