@@ -10,10 +10,10 @@ import sys
 import typing
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from cifar_jax.config import value_type
-from cifar_jax.errors import CheckpointSaveError, CifarJaxError
+from cifar_jax.errors import CifarJaxError
 
 
 def add_config_flags(parser: argparse.ArgumentParser, config_class: type, skip: tuple[str, ...] = ()) -> None:
@@ -57,22 +57,10 @@ def _train(args: argparse.Namespace) -> int:
     if distributed.is_multi_process() and "num_devices" not in overrides:
         # A run started on some local devices resumes on every device of every process (the same computation).
         base = dataclasses.replace(base, num_devices=None)
-    result = exiting_at_once_on_stuck_threads(lambda: train(dataclasses.replace(base, **overrides)))
+    result = distributed.exiting_at_once_on_stuck_threads(lambda: train(dataclasses.replace(base, **overrides)))
     if not result.interrupted and is_main_process():
         print(f"run finished: {result.workdir}")
     return 0
-
-
-def exiting_at_once_on_stuck_threads(work: Callable[[], Any]) -> Any:
-    """`work()`; after a lost peer or a failed checkpoint write, the error line and an immediate exit: threads left
-    waiting on them (JAX's shutdown barrier, Orbax's writer) would hang a normal one."""
-    from cifar_jax import distributed
-
-    try:
-        return work()
-    except (distributed.PeerLostError, CheckpointSaveError) as error:
-        print(f"cifar-jax: error: {error}", file=sys.stderr)
-        distributed.exit_now(2)
 
 
 def _add_run_evaluation_flags(parser: argparse.ArgumentParser) -> None:
@@ -167,6 +155,8 @@ def _compare(args: argparse.Namespace) -> int:
 
     base, grid, out, parallel = comparison_from_options(args.config, config_overrides(args, TrainConfig), args.models,
                                                         args.grid or (), args.out, args.parallel)
+    from cifar_jax.distributed import exiting_at_once_on_stuck_threads
+
     rows = exiting_at_once_on_stuck_threads(lambda: compare(base, grid, out, parallel=parallel))
     statuses = [row["status"] for row in rows]
     print(f"{len(rows)} run{'s' * (len(rows) != 1)}: "

@@ -29,7 +29,7 @@ from typing import Any, Mapping, Optional, Sequence
 import jax
 
 from cifar_jax.config import TrainConfig, conflicting_fields, value_type
-from cifar_jax.distributed import exit_now
+from cifar_jax.distributed import exiting_at_once_on_stuck_threads
 from cifar_jax.errors import CheckpointSaveError, CifarJaxError, ConfigError, first_line
 from cifar_jax.models import MODELS, count_params
 from cifar_jax.report import markdown_table, read_history
@@ -258,19 +258,20 @@ def train_run(config: TrainConfig) -> dict:
     workdir = Path(config.workdir)
     (workdir / RUN_RECORD_FILE).unlink(missing_ok=True)  # until it ends again, the run is not finished
     started = time.perf_counter()
+    fatal = None
     try:
         result = train(config)
         record = {"status": INTERRUPTED if result.interrupted else FINISHED, "error": None}
-    except CheckpointSaveError as error:  # Orbax's writer is left waiting: the process must exit, not go on
-        write_run_record(workdir, {"status": FAILED, "error": str(error),
-                                   "wall_seconds": time.perf_counter() - started})
-        raise
     except CifarJaxError as error:
         record = {"status": FAILED, "error": str(error)}
+        # Orbax's writer is left waiting after a failed save: the process must exit, not train the next run.
+        fatal = error if isinstance(error, CheckpointSaveError) else None
     except Exception as error:  # a bug or a device error (out of memory) in one run must not stop the others
         record = {"status": FAILED, "error": first_line(error)}
     record["wall_seconds"] = time.perf_counter() - started
     write_run_record(workdir, record)
+    if fatal:
+        raise fatal
     return record
 
 
@@ -577,11 +578,7 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if not _stop_with_parent(args.parent_pid):
         return 1
-    try:
-        train_run(TrainConfig.from_dict(json.loads(args.worker)))
-    except CheckpointSaveError as error:  # recorded for the comparison; Orbax's waiting writer must not hold the exit
-        print(f"cifar-jax: error: {error}", file=sys.stderr, flush=True)
-        exit_now(2)
+    exiting_at_once_on_stuck_threads(lambda: train_run(TrainConfig.from_dict(json.loads(args.worker))))
     return 0
 
 

@@ -26,12 +26,12 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
 
-from cifar_jax.errors import CifarJaxError, ConfigError, first_line
+from cifar_jax.errors import CheckpointSaveError, CifarJaxError, ConfigError, first_line
 
 ENV_PREFIX = "CIFAR_JAX_"
 DEFAULT_HEARTBEAT_TIMEOUT_SECONDS = 100  # JAX's own default: a silent peer is declared dead after this
@@ -211,6 +211,16 @@ def peer_failures_as_errors(what_to_do: str) -> Iterator[None]:
         raise PeerLostError(
             f"process {jax.process_index()} of {jax.process_count()} lost contact with the others "
             f"({first_line(error)}): another process has probably stopped, see its log; {what_to_do}") from None
+
+
+def exiting_at_once_on_stuck_threads(work: Callable[[], Any]) -> Any:
+    """`work()`; after a lost peer or a failed checkpoint write, the error line and an immediate exit: threads left
+    waiting on them (JAX's shutdown barrier, Orbax's writer) would hang a normal one."""
+    try:
+        return work()
+    except (PeerLostError, CheckpointSaveError) as error:
+        print(f"cifar-jax: error: {error}", file=sys.stderr)
+        exit_now(2)
 
 
 def exit_now(status: int) -> None:
