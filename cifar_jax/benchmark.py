@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cifar_jax import checkpoint, optim, parallel
-from cifar_jax.config import TrainConfig, is_whole_number
+from cifar_jax.config import TrainConfig, check_positive_integer
 from cifar_jax.errors import ConfigError
 from cifar_jax.data import CLASS_NAMES, Cifar10, load_cifar10
 from cifar_jax.predict import DEFAULT_BATCH_SIZE, Predictor
@@ -43,8 +43,7 @@ class BenchmarkSettings:
         if not (math.isfinite(self.epochs) and self.epochs > 0):
             raise ConfigError(f"--epochs must be a positive number of epochs to time, got {self.epochs!r}")
         for name in ("windows", "inference_repeats") + (("max_steps",) if self.max_steps is not None else ()):
-            if not is_whole_number(getattr(self, name)) or getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)!r}")
+            check_positive_integer(f"--{name.replace('_', '-')}", getattr(self, name))
 
 
 def peak_host_memory_bytes() -> int:
@@ -78,6 +77,16 @@ def median_rate(run_window: Callable[[int], Any], items_per_window: int, windows
 # ---------------------------------------------------------------- training
 
 
+def timing_windows(settings: BenchmarkSettings, steps_per_epoch: int) -> tuple[int, int]:
+    """(windows, steps per window): `settings.epochs` of steps split into the windows (at least a step each), never
+    more than --max-steps (fewer windows, of one step each, when the cap is below the number of windows)."""
+    timed_steps = max(settings.windows, round(settings.epochs * steps_per_epoch))
+    if settings.max_steps:
+        timed_steps = min(timed_steps, settings.max_steps)
+    windows = min(settings.windows, timed_steps)
+    return windows, timed_steps // windows
+
+
 def _training_setup(config: TrainConfig, dataset: Cifar10, devices: parallel.DeviceSet):
     steps_per_epoch = optim.steps_per_epoch(len(dataset.train_labels), config.batch_size)
     optimizer = optim.create_optimizer(config, steps_per_epoch)
@@ -109,12 +118,9 @@ def time_training(config: TrainConfig, dataset: Cifar10, devices: parallel.Devic
         return carry[0]
 
     jax.block_until_ready(run_steps(0, WARMUP_STEPS))
-    timed_steps = max(settings.windows, round(settings.epochs * steps_per_epoch))
-    if settings.max_steps:
-        timed_steps = min(timed_steps, settings.max_steps)
-    steps_per_window = max(1, timed_steps // settings.windows)
+    windows, steps_per_window = timing_windows(settings, steps_per_epoch)
     images_per_second = median_rate(lambda w: run_steps(WARMUP_STEPS + w * steps_per_window, steps_per_window),
-                                    steps_per_window * config.batch_size, settings.windows)
+                                    steps_per_window * config.batch_size, windows)
     flops_per_image = flops_of(compiled) / (config.batch_size // devices.global_count)
     return {
         "compile_seconds": compile_seconds,
@@ -122,7 +128,7 @@ def time_training(config: TrainConfig, dataset: Cifar10, devices: parallel.Devic
         "epoch_seconds": EPOCH_IMAGES / images_per_second,
         "flops_per_image": flops_per_image,
         "achieved_flops_per_second": flops_per_image * images_per_second,
-        "timed_steps": steps_per_window * settings.windows,
+        "timed_steps": steps_per_window * windows,
         "_graphdef": graphdef,
         "_params": parallel.unreplicate(carry[0]).params,
     }

@@ -199,6 +199,15 @@ class OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"cifar-jax: error: {message} (see {self.prog} --help)\n")
 
+    def parse_args(self, args=None, namespace=None) -> argparse.Namespace:
+        # argparse lets the top-level parser report a subcommand's unknown flags, so its hint would name the wrong
+        # --help; the subcommand's own parser reports them instead.
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            subcommand = getattr(self, "subcommands", {}).get(getattr(parsed, "command", None), self)
+            subcommand.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return parsed
+
 
 def build_parser() -> argparse.ArgumentParser:
     from cifar_jax import distributed
@@ -227,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "and (with --images) your own images with their top classes, plus a one-page report.md.")
     _add_run_evaluation_flags(plot_parser)
     plot_parser.add_argument("--images", nargs="+", metavar="PATH", default=None,
-                             help="image files to classify and show with their top classes")
+                             help="image files or folders of images to classify and show with their top classes "
+                                  "(the first 24)")
     plot_parser.set_defaults(handler=_plot)
 
     predict_parser = commands.add_parser(
@@ -248,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict_parser.set_defaults(handler=_predict)
     _add_benchmark_parser(commands)
     _add_compare_parser(commands)
+    parser.subcommands = commands.choices
     return parser
 
 

@@ -136,14 +136,12 @@ class TrainConfig:
     def validate(self) -> None:
         positive_ints = ("epochs", "batch_size", "eval_batch_size", "checkpoint_every", "keep_checkpoints")
         for name in positive_ints:
-            value = getattr(self, name)
-            if not is_whole_number(value) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_integer(name, getattr(self, name))
         for name in ("workdir", "data_dir"):
             if not isinstance(getattr(self, name), (str, os.PathLike, type(None))):
                 raise ConfigError(f"{name} must be a folder path, got {getattr(self, name)!r}")
-        if self.num_devices is not None and (not is_whole_number(self.num_devices) or self.num_devices < 1):
-            raise ConfigError(f"num_devices must be a positive integer, got {self.num_devices!r}")
+        if self.num_devices is not None:
+            check_positive_integer("num_devices", self.num_devices)
         if not is_whole_number(self.seed) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
         rate = self.learning_rate
@@ -243,6 +241,11 @@ def _is_number(value: Any) -> bool:
 def is_whole_number(value: Any) -> bool:
     """A Python or numpy integer, not a bool (True would pass as 1) and not a float such as 8.0."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_positive_integer(name: str, value: Any) -> None:
+    if not is_whole_number(value) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
 # Fields that define what a run computes: resuming with a different value would silently mix two runs.

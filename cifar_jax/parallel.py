@@ -19,7 +19,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cifar_jax.config import is_whole_number
+from cifar_jax.config import check_positive_integer
 from cifar_jax.errors import ConfigError
 
 AXIS_NAME = "devices"  # the mesh axis that gradients and metrics are averaged over
@@ -48,12 +48,11 @@ class DeviceSet:
             # Process by process, so process p's devices hold rows p*L ... p*L+L-1 of every batch (L local devices).
             everyone = tuple(sorted(jax.devices(), key=lambda d: (d.process_index, d.id)))
             return cls(everyone, tuple(jax.local_devices()))
-        if not is_whole_number(num_devices):
-            raise ConfigError(f"num_devices must be a whole number of devices, got {num_devices!r}")
+        check_positive_integer("num_devices", num_devices)
         available = jax.local_device_count()
         if jax.process_count() > 1:
             raise ConfigError("num_devices cannot be set in a multi-process run: every device takes part")
-        if not 1 <= num_devices <= available:
+        if num_devices > available:
             raise ConfigError(f"num_devices {num_devices} is not available: this machine has {available} device(s)")
         chosen = tuple(jax.local_devices()[:num_devices])
         return cls(chosen, chosen)

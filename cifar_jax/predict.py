@@ -299,11 +299,16 @@ def _walk_images(folder: Path) -> Iterator[Path]:
                 yield Path(root) / filename
 
 
+def read_image_path(path: Path) -> np.ndarray:
+    """`read_image_file` for what `image_files` yields: a folder among them is one without image files."""
+    if path.is_dir():
+        raise InputError(f"{path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    return read_image_file(path)
+
+
 def _read_or_error(path: Path) -> Union[np.ndarray, InputError]:
-    if path.is_dir():  # image_files yields only folders without images
-        return InputError(f"{path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
     try:
-        return read_image_file(path)
+        return read_image_path(path)
     except InputError as error:
         return error
 

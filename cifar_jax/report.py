@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -14,10 +15,12 @@ from cifar_jax import plots
 from cifar_jax.errors import InputError
 from cifar_jax.evaluate import EvaluationResult, dataset_for, evaluate_restored, restore_run
 from cifar_jax.models import count_params
-from cifar_jax.predict import Predictor, read_image_file
+from cifar_jax.predict import Predictor, image_files, read_image_path
 
 PLOTS_SUBDIR = "plots"
 REPORT_FILE = "report.md"
+# One row of the new-images plot each; more would make a figure too tall to read.
+MAX_PLOTTED_PHOTOS = 24
 PLOT_FILES = {  # plot name → file under WORKDIR/plots/
     "training_curves": "training_curves.png",
     "confusion_matrix": "confusion_matrix.png",
@@ -67,10 +70,16 @@ def read_history(workdir: str | Path, metadata: dict) -> list[dict]:
 
 def predict_photos(workdir: Path, step: int, paths: Sequence[str | Path],
                    num_devices: Optional[int] = None) -> PhotoPredictions:
-    """The checkpoint's class probabilities for image files, with the 32x32 images the model saw."""
+    """The checkpoint's class probabilities for image files (folders walked, like `predict`), with the 32x32 images
+    the model saw; the first MAX_PLOTTED_PHOTOS of them."""
+    files = list(image_files(paths))
+    if len(files) > MAX_PLOTTED_PHOTOS:
+        warnings.warn(f"--images: plotting the first {MAX_PLOTTED_PHOTOS} of {len(files)} images; "
+                      "`cifar-jax predict` classifies them all")
+        files = files[:MAX_PLOTTED_PHOTOS]
     predictor = Predictor.from_checkpoint(workdir, step=step, num_devices=num_devices)
-    images = np.stack([read_image_file(path) for path in paths])
-    return PhotoPredictions([Path(path).name for path in paths], images, predictor.probabilities(images))
+    images = np.stack([read_image_path(path) for path in files])
+    return PhotoPredictions([path.name for path in files], images, predictor.probabilities(images))
 
 
 # ---------------------------------------------------------------- plots

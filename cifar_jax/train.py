@@ -136,7 +136,10 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
 
-        batch_loss_sum = jax.lax.psum(loss * labels.shape[0], parallel.AXIS_NAME)
+        # Smoothing shapes only the gradient: train_loss is the true class's cross-entropy, like test_loss, so the
+        # two curves (and runs with different smoothing) compare.
+        reported_loss = cross_entropy_loss(logits, labels).mean() if label_smoothing else loss
+        batch_loss_sum = jax.lax.psum(reported_loss * labels.shape[0], parallel.AXIS_NAME)
         finite = jnp.isfinite(batch_loss_sum) & all_finite(grads)
         first_bad = running["first_nonfinite_step"]
         running = {

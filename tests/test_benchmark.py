@@ -37,6 +37,7 @@ def test_json_has_every_figure_with_positive_values(model0_benchmark):
     assert model0_benchmark["device_count"] == 4 and model0_benchmark["device_kind"]
     assert set(model0_benchmark["versions"]) >= {"jax", "jaxlib", "flax"}
     assert model0_benchmark["dtype"] == "float32"
+    assert model0_benchmark["timed_steps"] == 8  # --max-steps 8 over --windows 2
 
 
 def hand_counted_training_flops_per_image() -> int:
@@ -55,6 +56,21 @@ def hand_counted_training_flops_per_image() -> int:
 def test_settings_that_would_time_nothing_are_refused(flags, message, capsys):
     assert main(["benchmark", *flags]) == 2
     assert capsys.readouterr().err == f"cifar-jax: error: {message}\n"
+
+
+@pytest.mark.parametrize("epochs, windows, max_steps, expected", [
+    (1.0, 5, None, (5, 78)),  # 390 steps: 5 windows of 78
+    (1.0, 5, 8, (5, 1)),
+    (1.0, 5, 3, (3, 1)),  # the cap wins over the number of windows
+    (0.001, 5, None, (5, 1)),  # a fraction of a step still times a step per window
+])
+def test_timing_windows_never_exceed_the_step_cap(epochs, windows, max_steps, expected):
+    from cifar_jax.benchmark import BenchmarkSettings, timing_windows
+
+    settings = BenchmarkSettings(epochs=epochs, windows=windows, max_steps=max_steps)
+    assert timing_windows(settings, steps_per_epoch=390) == expected
+    count, per_window = expected
+    assert count * per_window <= (max_steps or 390)
 
 
 def test_python_settings_must_be_whole_numbers():

@@ -58,6 +58,7 @@ def test_train_on_a_tiny_archive_writes_sane_metrics_and_curves(learnable_data_d
     (["--data-dir", "/nonexistent/cifar", "--data", "archive"], "cifar-10-binary.tar.gz"),
     (["--data-dir", "/etc/passwd"], "data dir /etc/passwd is a file, not a folder: pass the folder that holds"),
     (["--epochs", "ten"], "argument --epochs: invalid int value: 'ten' (see cifar-jax train --help)"),
+    (["--epoks", "3"], "unrecognized arguments: --epoks 3 (see cifar-jax train --help)"),
 ])
 def test_user_errors_are_one_line_without_traceback(tmp_path, args, message):
     done = run_cli("train", "--workdir", str(tmp_path / "run"), "--no-progress", *args, timeout=120)

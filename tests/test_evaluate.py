@@ -5,30 +5,15 @@ import json
 import numpy as np
 import pytest
 
-from cifar_jax import TrainConfig, cli, train
+from cifar_jax import cli
 from cifar_jax.data import CLASS_NAMES
-from cifar_jax.errors import CheckpointError, DataError
+from cifar_jax.errors import CheckpointError, ConfigError, DataError
 from cifar_jax.evaluate import (confusion_matrix, eval_batch_size, evaluate, format_result, most_confused_pairs,
                                 per_class_metrics)
 from cifar_fixtures import write_binary_archive
 from learnable import class_coloured_dataset
 
-NUM_TEST = 100
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    """model0 trained 2 epochs on class-coloured images stored as a tiny official archive in its data_dir.
-
-    Stands in for the shared `trained_run` fixture planned for conftest.py; delete it once that exists.
-    """
-    data_dir = tmp_path_factory.mktemp("data")
-    dataset = class_coloured_dataset(num_train=512, num_test=NUM_TEST)
-    write_binary_archive(data_dir / "cifar-10-binary.tar.gz", dataset.train_images, dataset.train_labels,
-                         dataset.test_images, dataset.test_labels)
-    config = TrainConfig(model="model0", epochs=2, batch_size=32, eval_batch_size=40, data_dir=str(data_dir),
-                         workdir=str(tmp_path_factory.mktemp("run")), progress=False)
-    return train(config)
+NUM_TEST = 101  # test images in the shared `trained_run` fixture (conftest.py)
 
 
 def test_confusion_matrix_and_per_class_figures_on_a_hand_computed_example():
@@ -81,6 +66,11 @@ def test_four_devices_give_the_same_evaluation_as_one(trained_run):
     np.testing.assert_array_equal(one.confusion_matrix, four.confusion_matrix)
     assert one.test_loss == pytest.approx(four.test_loss, abs=1e-5)
     np.testing.assert_array_equal(one.predictions, four.predictions)
+
+
+def test_zero_devices_is_refused_with_the_same_words_as_training(trained_run):
+    with pytest.raises(ConfigError, match="num_devices must be a positive integer, got 0"):
+        evaluate(trained_run.workdir, num_devices=0)
 
 
 def test_data_dir_overrides_the_runs_own_dataset(trained_run, tmp_path):

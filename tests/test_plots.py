@@ -8,12 +8,13 @@ import pytest
 from PIL import Image
 
 from cifar_jax import cli, plots
+from cifar_jax import report as report_module
 from cifar_jax.data import CLASS_NAMES
 from cifar_jax.evaluate import confusion_matrix, evaluate
 from cifar_jax.errors import InputError
-from cifar_jax.report import PLOT_FILES, read_history, report_markdown
+from cifar_jax.report import PLOT_FILES, predict_photos, read_history, report_markdown
 from learnable import class_coloured_dataset
-from test_evaluate import NUM_TEST, trained_run  # noqa: F401  (the module-scoped fixture)
+from test_evaluate import NUM_TEST
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -127,6 +128,24 @@ def test_cli_plot_draws_everything_and_the_report_links_only_existing_files(trai
     assert "91,946" in report  # model0's parameter count
     assert f"{NUM_TEST:,} test images" in report
     assert "not CIFAR-10" not in report  # the fixture's data is a (tiny) CIFAR-10 archive, not synthetic
+
+
+def test_plot_images_walks_folders_like_predict_and_plots_at_most_a_page(trained_run, tmp_path, monkeypatch):
+    photos = write_photos(tmp_path / "photos")
+    (tmp_path / "photos" / "more").mkdir()
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "photos" / "more" / "black.png")
+    shown = predict_photos(trained_run.workdir, "latest", [tmp_path / "photos", photos[0]])
+    assert shown.names == ["red_square.png", "wide_photo.jpg", "black.png", "red_square.png"]
+    assert shown.images_nhwc_uint8.shape == (4, 32, 32, 3) and shown.probabilities.shape == (4, 10)
+    np.testing.assert_allclose(shown.probabilities.sum(axis=1), 1, rtol=1e-5)
+    assert not shown.images_nhwc_uint8[2].any() and shown.images_nhwc_uint8[0].any()  # black.png from the subfolder
+
+    monkeypatch.setattr(report_module, "MAX_PLOTTED_PHOTOS", 2)
+    with pytest.warns(UserWarning, match="plotting the first 2 of 4 images"):
+        assert len(predict_photos(trained_run.workdir, "latest", [tmp_path / "photos", photos[0]]).names) == 2
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="empty holds no image files"):
+        predict_photos(trained_run.workdir, "latest", [tmp_path / "empty"])
 
 
 def test_report_without_photos_leaves_that_section_out(trained_run, tmp_path):

@@ -19,9 +19,11 @@ from cifar_jax.errors import ConfigError
 from cifar_jax.evaluate import model_logits
 from cifar_jax.models import count_params
 from cifar_jax.optim import create_optimizer, learning_rate_schedule, steps_per_epoch
+from cifar_jax import parallel
 from cifar_jax.parallel import DeviceSet
 from cifar_jax.predict import Predictor
-from cifar_jax.train import Evaluator, apply_model, cross_entropy_loss, init_params
+from cifar_jax.train import (Evaluator, TrainState, apply_model, build_train_step, cross_entropy_loss,
+                             empty_running_metrics, init_params)
 from learnable import class_coloured_dataset
 from stop_signals import StopAfterSteps
 
@@ -176,6 +178,29 @@ def test_label_smoothing_mixes_the_uniform_distribution_into_the_targets():
     expected = -(0.8 * log_probs[0] + 0.1 * log_probs[1] + 0.1 * log_probs[2])
     assert float(smoothed[0]) == pytest.approx(float(expected), rel=1e-6)
     assert float(cross_entropy_loss(logits, jnp.array([0]))[0]) == pytest.approx(float(-log_probs[0]), rel=1e-6)
+
+
+def test_train_loss_is_reported_without_smoothing_while_the_gradient_follows_it():
+    images, labels = photo_batch(16), np.arange(16, dtype=np.int32) % 10
+    graphdef, params = init_params("model0", seed=2)
+    devices = DeviceSet.select(4)
+    plain_loss = float(cross_entropy_loss(apply_model(graphdef, params, images.astype(np.float32) / 255),
+                                          labels).mean())
+    reported, stepped = {}, {}
+    for smoothing in (0.0, 0.3):
+        config = TrainConfig(model="model0", batch_size=16, label_smoothing=smoothing, epochs=1).resolved()
+        optimizer = create_optimizer(config, steps_per_epoch=1)
+        step = build_train_step(config, graphdef, optimizer, devices)
+        state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+        state, running = step(*devices.replicate((state, empty_running_metrics(), images, labels)),
+                              devices.split(np.arange(16)))
+        sums = parallel.unreplicate(running)
+        reported[smoothing] = float(sums["loss_sum"]) / int(sums["count"])
+        stepped[smoothing] = parallel.unreplicate(state).params
+    assert reported[0.3] == pytest.approx(plain_loss, rel=1e-5) and reported[0.0] == pytest.approx(plain_loss, rel=1e-5)
+    flat = {smoothing: np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(tree)])
+            for smoothing, tree in stepped.items()}
+    assert not np.allclose(flat[0.3], flat[0.0], rtol=0, atol=1e-6)  # smoothing changed the update
 
 
 # ---------------------------------------------------------------- flip TTA
