@@ -24,9 +24,10 @@ import sys
 import time
 import typing
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import jax
+import numpy as np
 
 from cifar_jax.config import TrainConfig, conflicting_fields, value_type
 from cifar_jax.distributed import exiting_at_once_on_stuck_threads
@@ -77,7 +78,10 @@ def config_field_types() -> dict[str, tuple[type, bool]]:
 def _known_field(name: str) -> str:
     field = name.strip().replace("-", "_")
     known = config_field_types()
-    if field not in known or field in FIELDS_COMPARE_SETS:
+    if field in FIELDS_COMPARE_SETS:
+        raise ConfigError(f"{field} is set by the comparison itself (each run trains, and resumes, in "
+                          "OUT/runs/NAME): leave it out, and choose the folder with --out")
+    if field not in known:
         choices = ", ".join(sorted(set(known) - set(FIELDS_COMPARE_SETS)))
         raise ConfigError(f"unknown config field {name!r} in the comparison: known fields are {choices}")
     return field
@@ -89,6 +93,8 @@ _BOOLEAN_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": Fa
 def parse_value(field: str, value: Any) -> Any:
     """A grid value as its field's type: text from the command line is parsed, JSON/TOML values are checked."""
     kind, optional = config_field_types()[field]
+    if isinstance(value, np.generic):  # from np.linspace, np.arange, ...: the Python value it holds
+        value = value.item()
     text = value.strip().lower() if isinstance(value, str) else None
     if optional and text in ("none", "null"):  # unset: the recipe's value
         return None
@@ -105,11 +111,13 @@ def parse_value(field: str, value: Any) -> Any:
 
 
 def typed_grid(grid: Mapping[str, Any]) -> dict[str, list]:
-    """{field: [values]} with known field names and values of the field's type; a single value becomes a list."""
+    """{field: [values]} with known field names and values of the field's type; a single value becomes a list, and
+    any other collection of values (a range, a numpy array) a list of them."""
     typed: dict[str, list] = {}
     for name, values in grid.items():
         field = _known_field(name)
-        values = list(values) if isinstance(values, (list, tuple)) else [values]
+        one_value = isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable) or not np.ndim(values)
+        values = [values] if one_value else list(values)  # lists, tuples, ranges, numpy arrays
         if field in typed:
             raise ConfigError(f"{field} is given twice in the grid: list all its values once, comma-separated")
         if not values:

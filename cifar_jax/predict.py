@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import itertools
 import math
+import operator
 import os
 import warnings
 from pathlib import Path
@@ -81,10 +82,19 @@ class Predictions:
     def __len__(self) -> int:
         return len(self.probabilities)
 
+    def __getitem__(self, index: int) -> "ImagePrediction":
+        """One image's result (its `path` is what it came from): label, probability, top_k, to_json."""
+        index = operator.index(index)
+        return ImagePrediction(self.inputs[index], self.classes, self.probabilities[index])
+
+    def __iter__(self) -> Iterator["ImagePrediction"]:
+        return (self[index] for index in range(len(self)))
+
 
 @dataclasses.dataclass(frozen=True)
 class ImagePrediction:
-    """The result for one file of `predict_paths`: probabilities, or the error that kept it from being read."""
+    """The result for one image (a file of `predict_paths`, a row of `Predictions`): probabilities, or the error that
+    kept it from being read."""
 
     path: str
     classes: tuple[str, ...]
@@ -167,6 +177,7 @@ def read_image_file(path: Union[str, os.PathLike]) -> np.ndarray:
                 _refuse_huge(image.size, path)
                 if image.format == "JPEG":
                     # libjpeg can decode at 1/2, 1/4 or 1/8 scale: a big photo needs only a fraction of the work.
+                    # (Not the same pixels as a full decode resized, so an array of it differs slightly.)
                     image.draft(None, (MODEL_SIZE[0] * 2, MODEL_SIZE[1] * 2))
                 return pil_to_model_image(image)
     except InputError:
@@ -239,7 +250,9 @@ def _as_uint8(images: np.ndarray, row_names: list[str], name: str) -> tuple[np.n
 
 
 def _resize_array(images_uint8: np.ndarray) -> np.ndarray:
-    """Through the same PIL resize as files, so an array and a file of the same picture give the same answer."""
+    """Through the same PIL resize as files, so an array and a file of the same picture give the same answer (a
+    JPEG file of at least 64x64 is the exception: `read_image_file` decodes it at reduced scale, which moves some
+    of its 32x32 pixels by a few levels)."""
     if images_uint8.shape[1:3] == IMAGE_SHAPE[:2]:
         return images_uint8
     resized = [resize_to_model(Image.fromarray(image)) for image in images_uint8]
@@ -409,9 +422,15 @@ class Predictor:
         rows = [self.devices.gather(out)[:count] for out, count in launched]
         return np.concatenate(rows) if rows else np.empty((0, len(self.class_names)), np.float32)
 
-    def probabilities(self, images_nhwc_uint8: np.ndarray) -> np.ndarray:
-        """(N, 32, 32, 3) uint8 → (N, num_classes) float32 class probabilities."""
-        return self._gather(self._launch(images_nhwc_uint8))
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """(N, num_classes) float32 class probabilities of an array of images, read as `predict` reads one:
+        (N,H,W,3) or (H,W,3), uint8 or float in [0, 1]; InputError for anything else. (N, 32, 32, 3) uint8, what
+        the model takes, goes straight to the devices."""
+        if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.shape[1:] == IMAGE_SHAPE):
+            images, _, failures = array_to_model_images(images, "images")
+            if failures:
+                raise failures[0][1]
+        return self._gather(self._launch(images))
 
     # ------------------------------------------------------------ public entry points
 
@@ -443,7 +462,8 @@ class Predictor:
         """Stream predictions for files and folders (walked recursively), one result per file, in order.
 
         Files are read `batch_size` at a time; while the devices work on one chunk the next is decoded.
-        errors="skip" (default) yields a result with `error` set for a bad file and goes on; "raise" stops there.
+        errors="skip" (default) yields a result with `error` set for a bad file and goes on; "raise" yields the
+        results of the files before it, then raises its InputError.
         """
         _check_errors_mode(errors)
         if batch_size is not None:
@@ -451,14 +471,18 @@ class Predictor:
         previous = None
         for chunk in _chunks(image_files(paths_or_directory), batch_size or self.batch_size):
             decoded = [(path, _read_or_error(path)) for path in chunk]
-            bad = next((image for _, image in decoded if isinstance(image, InputError)), None)
-            if bad is not None and errors == "raise":
-                raise bad
+            first_bad = next((i for i, (_, image) in enumerate(decoded) if isinstance(image, InputError)), None)
+            stop_with = None
+            if first_bad is not None and errors == "raise":  # every file before it still gets its result
+                stop_with, decoded = decoded[first_bad][1], decoded[:first_bad]
             good = [image for _, image in decoded if not isinstance(image, InputError)]
             launched = self._launch(np.stack(good)) if good else []
             if previous is not None:
                 yield from self._path_results(*previous)
             previous = (decoded, launched)
+            if stop_with is not None:
+                yield from self._path_results(*previous)
+                raise stop_with
         if previous is not None:
             yield from self._path_results(*previous)
 

@@ -69,17 +69,28 @@ def read_history(workdir: str | Path, metadata: dict) -> list[dict]:
 
 
 def predict_photos(workdir: Path, step: int, paths: Sequence[str | Path],
-                   num_devices: Optional[int] = None) -> PhotoPredictions:
+                   num_devices: Optional[int] = None) -> Optional[PhotoPredictions]:
     """The checkpoint's class probabilities for image files (folders walked, like `predict`), with the 32x32 images
-    the model saw; the first MAX_PLOTTED_PHOTOS of them."""
-    files = list(image_files(paths))
-    if len(files) > MAX_PLOTTED_PHOTOS:
-        warnings.warn(f"--images: plotting the first {MAX_PLOTTED_PHOTOS} of {len(files)} images; "
-                      "`cifar-jax predict` classifies them all")
-        files = files[:MAX_PLOTTED_PHOTOS]
+    the model saw: the first MAX_PLOTTED_PHOTOS that can be read (a warning names each one that cannot); None if
+    none can."""
+    readable, names = [], []
+    for path in image_files(paths):
+        try:
+            image = read_image_path(path)
+        except InputError as error:
+            warnings.warn(f"--images: left out {error}")
+            continue
+        if len(readable) == MAX_PLOTTED_PHOTOS:
+            warnings.warn(f"--images: plotting the first {MAX_PLOTTED_PHOTOS} images; `cifar-jax predict` "
+                          "classifies them all")
+            break
+        readable.append(image)
+        names.append(path.name)
+    if not readable:
+        return None
     predictor = Predictor.from_checkpoint(workdir, step=step, num_devices=num_devices)
-    images = np.stack([read_image_path(path) for path in files])
-    return PhotoPredictions([path.name for path in files], images, predictor.probabilities(images))
+    images = np.stack(readable)
+    return PhotoPredictions(names, images, predictor.probabilities(images))
 
 
 # ---------------------------------------------------------------- plots

@@ -292,8 +292,10 @@ def check_workdir(config: TrainConfig) -> None:
                           f"--workdir {workdir.parent}, or choose a new --workdir")
     has_checkpoints = checkpoints.is_dir() and any(checkpoints.iterdir())
     if saved_config_path.exists():
-        conflicts = conflicting_fields(TrainConfig.load(saved_config_path), config)
-        if conflicts:
+        conflicts = conflicting_fields(TrainConfig.load(saved_config_path), config)  # unreadable: refused, kept
+        # Without a checkpoint the earlier run left nothing to mix with (it diverged in its first epoch, say): its
+        # config.json is rewritten. Results without checkpoints are refused below.
+        if conflicts and has_checkpoints:
             raise ConfigError(f"{workdir} holds a different run ({'; '.join(conflicts)}): "
                               "use a new --workdir, or drop the conflicting options to resume it")
     metrics = workdir / "metrics.jsonl"

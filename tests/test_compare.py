@@ -10,12 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cifar_jax import TrainConfig
 from cifar_jax.cli import main
 from cifar_jax.compare import (RUN_RECORD_FILE, check_out_dir, compare, comparison_from_options, parse_grid_option, plan_runs,
-                               typed_grid)
+                               run_name, typed_grid)
 from cifar_jax import distributed
 from cifar_jax.errors import CheckpointSaveError, ConfigError
 
@@ -57,9 +58,18 @@ def test_grid_values_take_the_config_fields_types():
     assert typed_grid({"learning_rate": [1, 2e-3], "seed": 3}) == {"learning_rate": [1.0, 0.002], "seed": [3]}
 
 
+def test_a_grid_from_numpy_or_a_range_gives_plain_python_values():
+    grid = typed_grid({"learning_rate": np.geomspace(1e-3, 1e-1, 3), "seed": range(2), "batch_size": np.int64(64),
+                       "label_smoothing": [np.float32(0.5)], "standardize": np.array([True, False])})
+    assert grid == {"learning_rate": pytest.approx([1e-3, 1e-2, 1e-1]), "seed": [0, 1], "batch_size": [64],
+                    "label_smoothing": [0.5], "standardize": [True, False]}
+    assert {type(value) for values in grid.values() for value in values} == {float, int, bool}
+    assert run_name({"learning_rate": grid["learning_rate"][0]}) == "learning_rate=0.001"
+
+
 @pytest.mark.parametrize("grid, message", [
     ({"learnin_rate": ["1"]}, "unknown config field 'learnin_rate' in the comparison: known fields are "),
-    ({"workdir": ["a"]}, "unknown config field 'workdir'"),
+    ({"workdir": ["a"]}, "workdir is set by the comparison itself (each run trains, and resumes, in OUT/runs/NAME)"),
     ({"batch_size": ["32.5"]}, "batch_size='32.5' is not a valid int"),
     ({"batch_size": [32.0]}, "batch_size=32.0 is not a valid int"),
     ({"learning_rate": []}, "the grid gives no value for learning_rate"),

@@ -141,11 +141,22 @@ def test_plot_images_walks_folders_like_predict_and_plots_at_most_a_page(trained
     assert not shown.images_nhwc_uint8[2].any() and shown.images_nhwc_uint8[0].any()  # black.png from the subfolder
 
     monkeypatch.setattr(report_module, "MAX_PLOTTED_PHOTOS", 2)
-    with pytest.warns(UserWarning, match="plotting the first 2 of 4 images"):
+    with pytest.warns(UserWarning, match="plotting the first 2 images"):
         assert len(predict_photos(trained_run.workdir, "latest", [tmp_path / "photos", photos[0]]).names) == 2
+
+
+def test_plot_images_leaves_out_what_cannot_be_read_and_says_so(trained_run, tmp_path):
+    write_photos(tmp_path / "photos")
+    (tmp_path / "photos" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(InputError, match="empty holds no image files"):
-        predict_photos(trained_run.workdir, "latest", [tmp_path / "empty"])
+    with pytest.warns(UserWarning) as warned:
+        shown = predict_photos(trained_run.workdir, "latest", [tmp_path / "photos", tmp_path / "empty"])
+    assert shown.names == ["red_square.png", "wide_photo.jpg"]
+    messages = [str(warning.message) for warning in warned]
+    assert len(messages) == 2 and "broken.png could not be decoded" in messages[0]
+    assert messages[1] == f"--images: left out {tmp_path / 'empty'} holds no image files (.png, .jpg, .jpeg, .bmp, .gif, .webp, .tif, .tiff)"
+    with pytest.warns(UserWarning, match="broken.png"):
+        assert predict_photos(trained_run.workdir, "latest", [tmp_path / "photos" / "broken.png"]) is None
 
 
 def test_report_without_photos_leaves_that_section_out(trained_run, tmp_path):

@@ -4,6 +4,7 @@ import json
 import re
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -255,8 +256,41 @@ def test_a_corrupt_file_in_a_folder_does_not_stop_the_others(predictor, photo_fo
     for row in lossless:
         np.testing.assert_allclose(row.probabilities, reference.probabilities[0], atol=1e-6)
     assert rows[0].top_k(2)[0] == (rows[0].label, pytest.approx(rows[0].probability))
+
+
+def test_raise_mode_yields_every_file_before_the_bad_one_then_raises(predictor, photo_folder):
+    rows = []
     with pytest.raises(InputError, match="broken.png"):
-        list(predictor.predict_paths(photo_folder, errors="raise"))
+        for row in predictor.predict_paths(photo_folder, batch_size=4, errors="raise"):
+            rows.append(row)
+    # The bad file is the 8th: one whole chunk of 4 before it, and 3 files of its own chunk.
+    assert [Path(row.path).name for row in rows] == [f"img{i:02d}.png" for i in range(5)] + ["a.JPG", "b.jpeg"]
+    assert all(row.ok for row in rows)
+
+
+def test_probabilities_reads_an_array_as_predict_does(predictor, few_colour_image):
+    image = few_colour_image
+    reference = predictor.predict(image).probabilities
+    assert predictor.probabilities(image).shape == (1, 10)  # one (H, W, 3) image is one row
+    np.testing.assert_allclose(predictor.probabilities(image), reference, atol=1e-6)
+    np.testing.assert_allclose(predictor.probabilities(image[None].astype(np.float32) / 255), reference, atol=1e-6)
+    bigger = np.asarray(Image.fromarray(image).resize((64, 48)))[None].repeat(3, axis=0)
+    np.testing.assert_allclose(predictor.probabilities(bigger), predictor.predict(bigger).probabilities, atol=1e-6)
+    with pytest.raises(InputError, match="images has dtype int64"):
+        predictor.probabilities(image.astype(np.int64))
+    with pytest.raises(InputError, match=r"images\[0\] has float values outside \[0, 1\]"):
+        predictor.probabilities(np.stack([image, image]).astype(np.float32))
+
+
+def test_a_batch_result_indexes_and_iterates_as_one_result_per_image(predictor, few_colour_image):
+    result = predictor.predict([few_colour_image, 255 - few_colour_image])
+    rows = list(result)
+    assert len(rows) == 2 and rows[1].path == "images[1]" == result[-1].path
+    assert [row.label for row in rows] == result.class_names
+    np.testing.assert_array_equal(result[1].probabilities, result.probabilities[1])
+    assert result[0].to_json(2)["top_k"] == [[name, round(p, 6)] for name, p in result.top_k(2)[0]]
+    with pytest.raises(IndexError):
+        result[2]
 
 
 def test_explicit_files_of_any_name_and_empty_folders_are_reported(predictor, photo_folder, tmp_path):

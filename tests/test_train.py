@@ -2,6 +2,7 @@ import contextlib
 import dataclasses
 import importlib
 import json
+import math
 import os
 import shutil
 import threading
@@ -191,6 +192,10 @@ def test_all_finite_finds_one_bad_element_in_any_leaf(bad_value):
 def test_huge_learning_rate_stops_with_a_clear_error(tmp_path, learnable_data):
     with pytest.raises(TrainingDivergedError, match=r"NaN/Inf in epoch 1 at step \d+"):
         train(quick_config(tmp_path, learning_rate=1e12, optimizer="sgd"))
+    # It diverged before its first checkpoint, so the folder holds nothing to keep: the same one takes a new try.
+    retried = train(quick_config(tmp_path, learning_rate=1e-2, optimizer="sgd", epochs=1))
+    assert len(retried.history) == 1 and math.isfinite(retried.history[0]["train_loss"])
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["learning_rate"] == 1e-2
 
 
 def test_divergence_stops_mid_epoch_without_a_progress_bar(tmp_path, learnable_data, monkeypatch):
