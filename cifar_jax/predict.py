@@ -42,6 +42,7 @@ MAX_IMAGE_PIXELS = 64_000_000
 RESAMPLING = Image.Resampling.LANCZOS
 DEFAULT_BATCH_SIZE = 256  # images per device step (all devices together); padded, so any N uses the same shape
 ERROR_MODES = ("raise", "skip")
+HALF_LEVEL = 0.5 / 255  # of a float pixel in [0, 1]
 _HIGH_BIT_DEPTH_GREY_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 
 ImageInput = Union[np.ndarray, str, os.PathLike, Image.Image]
@@ -238,7 +239,8 @@ def _as_uint8(images: np.ndarray, row_names: list[str], name: str) -> tuple[np.n
         raise InputError(f"{name} has dtype {images.dtype}: pass uint8 pixels (0..255) or floats in [0, 1]")
     flat = images.reshape(len(images), int(np.prod(images.shape[1:])))  # -1 is ambiguous for an empty batch
     has_nan = np.isnan(flat).any(axis=1)
-    out_of_range = ((flat < 0) | (flat > 1)).any(axis=1) & ~has_nan
+    # Within half an 8-bit level of [0, 1] rounds into it (resampling overshoots by such amounts): clipped, not refused.
+    out_of_range = ((flat < -HALF_LEVEL) | (flat > 1 + HALF_LEVEL)).any(axis=1) & ~has_nan
     errors = {int(i): InputError(f"{row_names[i]} contains NaN: pixel values must be numbers in [0, 1]")
               for i in np.flatnonzero(has_nan)}
     for i in np.flatnonzero(out_of_range):
@@ -286,12 +288,13 @@ def image_files(paths_or_directory: Union[str, os.PathLike, Iterable]) -> Iterat
     A folder with no image files is yielded itself, so it is reported rather than silently skipped.
     """
     paths = [paths_or_directory] if isinstance(paths_or_directory, (str, os.PathLike)) else paths_or_directory
-    if not isinstance(paths, Iterable) or isinstance(paths, bytes):
-        raise InputError(f"expected a file or folder path, or a list of them, got {paths_or_directory!r}")
+    if not isinstance(paths, Iterable) or isinstance(paths, (bytes, np.ndarray)):
+        raise InputError(f"expected a file or folder path, or a list of them, got {_brief(paths_or_directory)}: "
+                         "pass arrays and PIL images to predict(), paths to predict_paths()")
     for path in paths:
         if not isinstance(path, (str, os.PathLike)):
-            raise InputError(f"expected file or folder paths, got {type(path).__name__} {path!r:.60}: pass arrays "
-                             "and PIL images to predict(), paths to predict_paths()")
+            raise InputError(f"expected file or folder paths, got {_brief(path)}: pass arrays and PIL images to "
+                             "predict(), paths to predict_paths()")
         path = Path(path)
         if not path.is_dir():
             yield path  # a missing or unreadable file is reported when it is read
@@ -302,6 +305,11 @@ def image_files(paths_or_directory: Union[str, os.PathLike, Iterable]) -> Iterat
             yield file
         if not found:
             yield path
+
+
+def _brief(value: Any) -> str:
+    """A value's type and the start of its repr, on one line (an array's repr spans many)."""
+    return f"{type(value).__name__} {' '.join(repr(value).split()):.60}"
 
 
 def _walk_images(folder: Path) -> Iterator[Path]:

@@ -4,6 +4,9 @@ Killing real processes (SIGKILL mid-epoch and mid-save, SIGTERM) is in test_pree
 """
 import dataclasses
 import importlib
+import logging
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -45,6 +48,25 @@ def test_keeps_latest_n_and_the_best_never_the_latest_deleted(tmp_path):
     assert sorted(manager.all_steps()) == [1, 3, 4]
     assert manager.best_step() == 1 and manager.latest_step() == 4
     manager.close()
+
+
+def test_orbax_routine_log_lines_are_dropped_and_the_absl_level_is_left_alone(tmp_path, caplog):
+    from absl import logging as absl_logging
+
+    imported = subprocess.run([sys.executable, "-c", "import logging, cifar_jax.checkpoint; "
+                               "print(logging.getLogger('absl').level)"], capture_output=True, text=True, check=True)
+    assert imported.stdout.strip() == str(logging.NOTSET)  # importing the package sets no level
+    with caplog.at_level(logging.DEBUG, logger="absl"):
+        manager = checkpoint.open_manager(tmp_path / "checkpoints")
+        params = {"w": np.zeros(3, np.float32)}
+        checkpoint.save(manager, 1, params, {"step": np.int32(1)}, {"model": "model0"})  # mid-epoch: no metrics
+        checkpoint.save(manager, 2, params, {"step": np.int32(2)}, {"model": "model0"}, {"test_accuracy": 0.5})
+        manager.wait_until_finished()
+        manager.close()
+        checkpoint.open_manager(tmp_path / "checkpoints", read_only=True).close()
+        absl_logging.warning("a user's own absl warning")
+        absl_logging.info("a user's own absl info")
+    assert [record.getMessage() for record in caplog.records] == ["a user's own absl warning", "a user's own absl info"]
 
 
 def test_checkpoint_describes_itself(tmp_path, learnable_data):

@@ -187,6 +187,18 @@ def test_bad_arrays_get_an_error_naming_them(predictor, images, message):
         predictor.predict(images)
 
 
+def test_floats_within_half_a_level_of_the_range_are_clipped_not_refused(predictor, few_colour_image):
+    pixels = few_colour_image.astype(np.float64) / 255
+    pixels[0, 0, 0] = 0
+    overshoot = pixels + np.where(pixels == 0, -1e-7, np.where(pixels == 1, 1e-7, 0))  # resampling ringing
+    overshoot[0, 0, 0] = -0.49 / 255
+    np.testing.assert_allclose(predictor.predict(overshoot).probabilities, predictor.predict(pixels).probabilities,
+                               atol=1e-6)
+    overshoot[0, 0, 0] = -0.51 / 255
+    with pytest.raises(InputError, match=r"images has float values outside \[0, 1\] \(min -0.002"):
+        predictor.predict(overshoot)
+
+
 @pytest.mark.parametrize("dtype", [np.uint8, np.float32])
 def test_an_empty_batch_gives_no_rows(predictor, dtype):
     result = predictor.predict(np.zeros((0, 32, 32, 3), dtype))
@@ -194,14 +206,17 @@ def test_an_empty_batch_gives_no_rows(predictor, dtype):
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda p, folder: list(p.predict_paths(5)), "expected a file or folder path, or a list of them, got 5"),
+    (lambda p, folder: list(p.predict_paths(5)), "expected a file or folder path, or a list of them, got int 5"),
+    (lambda p, folder: list(p.predict_paths(np.zeros((4, 32, 32, 3)))),
+     r"got ndarray array\(\[\[\[\[0., 0., 0.\], \[0., 0., 0.\], .*: pass arrays and PIL images to predict\(\)"),
     (lambda p, folder: list(p.predict_paths([np.zeros(3)])), "expected file or folder paths, got ndarray"),
     (lambda p, folder: list(p.predict_paths(folder, batch_size=-1)), "batch_size must be a positive integer, got -1"),
     (lambda p, folder: p.predict(np.zeros((1, 32, 32, 3), np.uint8)).top_k(0), "k must be a whole number of classes"),
 ])
 def test_misused_calls_get_an_input_error(predictor, photo_folder, call, message):
-    with pytest.raises(InputError, match=message):
+    with pytest.raises(InputError, match=message) as raised:
         call(predictor, photo_folder)
+    assert "\n" not in str(raised.value)
 
 
 def test_a_file_that_failed_says_why_when_asked_for_its_label(predictor, tmp_path):
