@@ -24,7 +24,9 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type, skip: 
             continue
         flag = "--" + field.name.replace("_", "-")
         kind = value_type(hints[field.name])
-        help_text = f"{field.metadata.get('help', '')} (default: {field.default})"
+        # A None default is "unset", and every such field's help says what unset means.
+        default = "" if field.default is None else f" (default: {field.default})"
+        help_text = field.metadata.get("help", "") + default
         if kind is bool:
             parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:

@@ -253,7 +253,7 @@ def _as_uint8(images: np.ndarray, row_names: list[str], name: str) -> tuple[np.n
 
 def _resize_array(images_uint8: np.ndarray) -> np.ndarray:
     """Through the same PIL resize as files, so an array and a file of the same picture give the same answer (a
-    JPEG file of at least 64x64 is the exception: `read_image_file` decodes it at reduced scale, which moves some
+    JPEG file of at least 128x128 is the exception: `read_image_file` decodes it at reduced scale, which moves some
     of its 32x32 pixels by a few levels)."""
     if images_uint8.shape[1:3] == IMAGE_SHAPE[:2]:
         return images_uint8

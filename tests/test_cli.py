@@ -76,6 +76,14 @@ def test_help_lists_every_subcommand():
         assert command in done.stdout
 
 
+def test_train_help_gives_defaults_but_no_none_for_the_recipes_options(capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text
+    assert "(default: model0)" in text and "unset takes the recipe's (tutorial: 10)" in text
+
+
 def test_the_compilation_cache_goes_under_the_user_cache_unless_jax_is_told_otherwise(tmp_path):
     assert cli.compilation_cache_dir({"XDG_CACHE_HOME": str(tmp_path)}) == (
         tmp_path / "cifar-jax" / "xla-compilation-cache")
