@@ -75,15 +75,15 @@ def predict_photos(workdir: Path, step: int, paths: Sequence[str | Path],
     none can."""
     readable, names = [], []
     for path in image_files(paths):
+        if len(readable) == MAX_PLOTTED_PHOTOS:
+            warnings.warn(f"--images: plotting the first {MAX_PLOTTED_PHOTOS} images; `cifar-jax predict` "
+                          "classifies them all")
+            break
         try:
             image = read_image_path(path)
         except InputError as error:
             warnings.warn(f"--images: left out {error}")
             continue
-        if len(readable) == MAX_PLOTTED_PHOTOS:
-            warnings.warn(f"--images: plotting the first {MAX_PLOTTED_PHOTOS} images; `cifar-jax predict` "
-                          "classifies them all")
-            break
         readable.append(image)
         names.append(path.name)
     if not readable:
