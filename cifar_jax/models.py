@@ -20,9 +20,6 @@ NUM_CLASSES = 10
 IMAGE_SHAPE = (32, 32, 3)
 # Keras's default (glorot-uniform kernels, zero biases), so runs start where the tutorial's did.
 KERAS_KERNEL_INIT = nnx.initializers.glorot_uniform()
-# Training batches of at most this many images (and every inference batch) pool each conv's output before its bias
-# and ReLU (see `conv_relu_pool`).
-POOL_FIRST_MAX_BATCH = 32
 # Convs with at most this many input channels (the RGB input's 3) compute their forward pass tap by tap (see
 # `conv_valid_by_taps`), up to this many output channels: the identity product it ends with grows with their square
 # (at b128 with 3 input channels: 2x faster than XLA's convolution at 16 and 1.6x at 32, 1.4x slower at 64).
@@ -62,15 +59,45 @@ def max_pool_2x2(images_nhwc: jax.Array) -> jax.Array:
     return _window_blocks(images_nhwc).max(axis=(2, 4))
 
 
+def _tangent_at_first_max(position: jax.Array, images_tangent: jax.Array) -> jax.Array:
+    """Each window's tangent at its first maximum: linear in the tangent, so JAX transposes it into "the gradient
+    goes to the first maximum" for reverse mode."""
+    is_first_max = position[:, :, None, :, None, :] == WINDOW_POSITIONS
+    return jnp.where(is_first_max, _window_blocks(images_tangent), 0).sum(axis=(2, 4))
+
+
 @max_pool_2x2.defjvp
 def _max_pool_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]) -> tuple[jax.Array, jax.Array]:
-    # A rule for the tangent, not the gradient, so forward mode (jax.jvp, jax.hessian) works too: it is linear in
-    # the tangents, and JAX transposes it into "the gradient goes to the first maximum" for reverse mode.
+    # A rule for the tangent, not the gradient, so forward mode (jax.jvp, jax.hessian) works too.
     (images_nhwc,), (images_tangent,) = primals, tangents
     pooled, position = _first_max_position(_window_blocks(images_nhwc))
-    is_first_max = position[:, :, None, :, None, :] == WINDOW_POSITIONS
-    pooled_tangent = jnp.where(is_first_max, _window_blocks(images_tangent), 0).sum(axis=(2, 4))
-    return pooled, pooled_tangent
+    return pooled, _tangent_at_first_max(position, images_tangent)
+
+
+@jax.custom_jvp
+def bias_relu_pool(features_nhwc: jax.Array, bias: jax.Array) -> jax.Array:
+    """max_pool_2x2(relu(features + bias)), computed as relu(max_pool_2x2(features) + bias).
+
+    Both orders give the same values: the pool commutes with ReLU and with adding a per-channel bias (rounding is
+    monotone). Pooling first leaves a quarter of the values for the bias and ReLU: a forward pass alone (evaluation,
+    predict) is 6-8% faster so. Differentiated, the tangent rule below is used instead.
+    """
+    return nnx.relu(max_pool_2x2(features_nhwc) + bias)
+
+
+@bias_relu_pool.defjvp
+def _bias_relu_pool_jvp(primals: tuple[jax.Array, jax.Array],
+                        tangents: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    # The whole block's tangent at the pooled size: the bias's tangent is added to a quarter of the values, so its
+    # gradient sums (batch, H/2, W/2) values instead of (batch, H, W). That sum was the slowest loop of model0's
+    # step (XLA:CPU sums short axes without a tree). The primal is computed in the usual order (bias, ReLU, pool):
+    # with its ReLU mask taken from the pooled output, that ran model0 b32 training 1.26x and b128 1.05x faster
+    # than before (when b32 pooled first, b128 not), model1 b128 1.03x, model1 b32 0.99x (interleaved A/B, README).
+    (features_nhwc, bias), (features_tangent, bias_tangent) = primals, tangents
+    pooled, position = _first_max_position(_window_blocks(nnx.relu(features_nhwc + bias)))
+    # A window whose maximum the ReLU zeroed passes no tangent, to its features or to the bias.
+    pooled_tangent = _tangent_at_first_max(position, features_tangent) + bias_tangent
+    return pooled, jnp.where(pooled > 0, pooled_tangent, 0)
 
 
 def _xla_conv(images_nhwc: jax.Array, kernel_hwio: jax.Array, padding: str = "VALID") -> jax.Array:
@@ -120,17 +147,8 @@ def _conv_valid_by_taps_jvp(primals: tuple[jax.Array, jax.Array],
 conv_valid_by_taps.defjvp(_conv_valid_by_taps_jvp, symbolic_zeros=True)
 
 
-def conv_relu_pool(conv: nnx.Conv, images_nhwc: jax.Array, pool_first: bool) -> jax.Array:
-    """max_pool_2x2(relu(conv(x))), with the bias added and the ReLU taken before or after the pool.
-
-    Both orders give the same values: the pool commutes with ReLU and with adding a per-channel bias (rounding is
-    monotone). Pooling first leaves a quarter of the values for the bias and ReLU, and the bias gradient sums a
-    quarter as many. XLA:CPU splits such a sum into a tree only along an axis longer than 32, so at a batch of 32 or
-    fewer the first conv's bias gradient was one slow fused loop over batch x 30 x 30 (38% of model0's b32 step);
-    pooling first made model0 b32 training 1.2x faster. At b128 the tree sum is fast and pooling first measured 6%
-    slower, so larger training batches keep the usual order; a forward pass alone is 6-8% faster pooling first at
-    any batch (interleaved A/B on 2 CPU cores, README).
-    """
+def conv_relu_pool(conv: nnx.Conv, images_nhwc: jax.Array) -> jax.Array:
+    """max_pool_2x2(relu(conv(x))): the conv, then the bias, ReLU and pool as one block (`bias_relu_pool`)."""
     # The nnx.Conv holds the parameters and settings; its own call would add the bias before the pool.
     kernel = conv.kernel[...]
     _, _, in_channels, out_channels = kernel.shape
@@ -139,9 +157,7 @@ def conv_relu_pool(conv: nnx.Conv, images_nhwc: jax.Array, pool_first: bool) -> 
         features = conv_valid_by_taps(images_nhwc, kernel)
     else:
         features = _xla_conv(images_nhwc, kernel, conv.padding)
-    if pool_first:
-        return nnx.relu(max_pool_2x2(features) + conv.bias[...])
-    return max_pool_2x2(nnx.relu(features + conv.bias[...]))
+    return bias_relu_pool(features, conv.bias[...])
 
 
 class TutorialCNN(nnx.Module):
@@ -159,12 +175,11 @@ class TutorialCNN(nnx.Module):
             [nnx.Linear(d_in, d_out, kernel_init=KERAS_KERNEL_INIT, rngs=rngs) for d_in, d_out in zip(widths[:-1], widths[1:])]
         )
 
-    def __call__(self, images_nhwc: jax.Array, training: bool = False) -> jax.Array:
-        """Logits; `training` says the pass will be differentiated, which picks the faster order in each block."""
+    def __call__(self, images_nhwc: jax.Array) -> jax.Array:
+        """Logits of (B, 32, 32, 3) images."""
         x = images_nhwc
-        pool_first = not training or x.shape[0] <= POOL_FIRST_MAX_BATCH
         for conv in self.convs:
-            x = conv_relu_pool(conv, x, pool_first)
+            x = conv_relu_pool(conv, x)
         x = x.reshape(x.shape[0], -1)
         for dense in self.denses[:-1]:
             x = nnx.relu(dense(x))

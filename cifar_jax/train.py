@@ -69,15 +69,13 @@ def abstract_params(model_name: str) -> dict:
     return abstract_model(model_name)[1]
 
 
-def apply_model(graphdef: nnx.GraphDef, params: dict, images: jax.Array, dtype: str = "float32",
-                training: bool = False) -> jax.Array:
+def apply_model(graphdef: nnx.GraphDef, params: dict, images: jax.Array, dtype: str = "float32") -> jax.Array:
     """float32 logits. With dtype bfloat16 the pass runs on bfloat16 copies of the float32 parameters, whose
-    gradients come back float32 through the cast (mixed precision: the optimizer never sees bfloat16).
-    `training`: the pass will be differentiated (the model picks its faster form for that)."""
+    gradients come back float32 through the cast (mixed precision: the optimizer never sees bfloat16)."""
     if dtype != "float32":
         params = jax.tree.map(lambda p: p.astype(dtype), params)
         images = images.astype(dtype)
-    return nnx.merge(graphdef, nnx.State(params))(images, training=training).astype(jnp.float32)
+    return nnx.merge(graphdef, nnx.State(params))(images).astype(jnp.float32)
 
 
 def cross_entropy_loss(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
@@ -128,7 +126,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         labels = labels_all[batch_indices]
 
         def mean_loss(params):
-            logits = apply_model(graphdef, params, images, dtype, training=True)
+            logits = apply_model(graphdef, params, images, dtype)
             return cross_entropy_loss(logits, labels, label_smoothing).mean(), logits
 
         (loss, logits), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params)

@@ -71,27 +71,34 @@ def test_max_pool_gradient_goes_to_the_first_maximum_of_a_window_like_keras():
         np.testing.assert_array_equal(np.asarray(grad, np.float32).reshape(2, 2), [[0, 1], [0, 0]])
 
 
-def test_pooling_before_the_conv_bias_and_relu_changes_neither_values_nor_gradients(monkeypatch):
-    model = create_model("model0")
-    graphdef, params = nnx.split(model, nnx.Param)
-    # Non-zero biases (they start at zero), some negative, so the order of bias, ReLU and pool matters if it can.
-    for index, conv in enumerate(params["convs"].values()):
+def test_bias_relu_pool_block_equals_bias_relu_then_pool_in_values_and_derivatives():
+    features = jax.random.normal(jax.random.key(0), (3, 14, 14, 4))
+    bias = jnp.array([0.3, -0.4, 0.0, 1.2])  # some negative: the order of bias, ReLU and pool matters if it can
+    cotangent = jax.random.normal(jax.random.key(1), (3, 7, 7, 4))
+    reference = lambda f, b: nnx.max_pool(nnx.relu(f + b), (2, 2), strides=(2, 2))
+
+    np.testing.assert_array_equal(models.bias_relu_pool(features, bias), reference(features, bias))
+    ours = jax.grad(lambda f, b: (models.bias_relu_pool(f, b) * cotangent).sum(), argnums=(0, 1))(features, bias)
+    usual = jax.grad(lambda f, b: (reference(f, b) * cotangent).sum(), argnums=(0, 1))(features, bias)
+    np.testing.assert_array_equal(ours[0], usual[0])
+    np.testing.assert_allclose(ours[1], usual[1], rtol=1e-5)  # the bias's sum runs over the pooled values
+    assert np.abs(np.asarray(ours[1])).min() > 0
+
+    tangents = (jax.random.normal(jax.random.key(2), features.shape), jnp.array([1.0, -2.0, 0.5, 3.0]))
+    ours_jvp = jax.jvp(models.bias_relu_pool, (features, bias), tangents)
+    usual_jvp = jax.jvp(reference, (features, bias), tangents)
+    np.testing.assert_array_equal(ours_jvp[0], usual_jvp[0])
+    np.testing.assert_allclose(ours_jvp[1], usual_jvp[1], rtol=1e-6, atol=1e-6)
+
+
+def test_a_differentiated_model_computes_the_same_logits_as_inference():
+    graphdef, params = nnx.split(create_model("model0"), nnx.Param)
+    for index, conv in enumerate(params["convs"].values()):  # non-zero biases (they start at zero)
         conv["bias"][...] = 0.3 * jax.random.normal(jax.random.key(index), conv["bias"].shape)
     images = jax.random.normal(jax.random.key(9), (4, 32, 32, 3))
-    logits = lambda p: nnx.merge(graphdef, p)(images, training=True)
-    loss = lambda p: logits(p).sum()
-
-    assert images.shape[0] <= models.POOL_FIRST_MAX_BATCH
-    pooled_first = logits(params), jax.grad(loss)(params)
-    monkeypatch.setattr(models, "POOL_FIRST_MAX_BATCH", 0)  # training batches add the bias and ReLU before the pool
-    bias_first = logits(params), jax.grad(loss)(params)
-
-    np.testing.assert_array_equal(pooled_first[0], bias_first[0])
-    np.testing.assert_array_equal(nnx.merge(graphdef, params)(images), bias_first[0])  # inference pools first
-    for ours, usual in zip(jax.tree.leaves(pooled_first[1]), jax.tree.leaves(bias_first[1])):
-        np.testing.assert_allclose(ours, usual, rtol=1e-5, atol=1e-6)
-    conv_bias_grad = np.asarray(pooled_first[1]["convs"][0]["bias"][...])
-    assert np.abs(conv_bias_grad).min() > 0
+    logits = lambda p: nnx.merge(graphdef, p)(images)
+    differentiated, _ = jax.vjp(logits, params)  # the blocks' tangent rules compute these
+    np.testing.assert_array_equal(logits(params), differentiated)
 
 
 def test_first_conv_by_taps_equals_xla_convolution_in_values_and_derivatives():
