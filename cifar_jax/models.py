@@ -89,10 +89,10 @@ def bias_relu_pool(features_nhwc: jax.Array, bias: jax.Array) -> jax.Array:
 def _bias_relu_pool_jvp(primals: tuple[jax.Array, jax.Array],
                         tangents: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
     # The whole block's tangent at the pooled size: the bias's tangent is added to a quarter of the values, so its
-    # gradient sums (batch, H/2, W/2) values instead of (batch, H, W). That sum was the slowest loop of model0's
-    # step (XLA:CPU sums short axes without a tree). The primal is computed in the usual order (bias, ReLU, pool):
-    # with its ReLU mask taken from the pooled output, that ran model0 b32 training 1.26x and b128 1.05x faster
-    # than before (when b32 pooled first, b128 not), model1 b128 1.03x, model1 b32 0.99x (interleaved A/B, README).
+    # gradient sums (batch, H/2, W/2) values instead of (batch, H, W), a slow loop of model0's step (0.55 ms at b128).
+    # The primal is computed in the usual order (bias, ReLU, pool; pooling first here was slower at b128),
+    # the ReLU mask taken from the pooled output. Training against the earlier batch-size switch (pool first up to
+    # b32): model0 b32 1.24x, b128 1.05-1.28x, model1 b128 1.01x, model1 b32 within noise (interleaved A/B, README).
     (features_nhwc, bias), (features_tangent, bias_tangent) = primals, tangents
     pooled, position = _first_max_position(_window_blocks(nnx.relu(features_nhwc + bias)))
     # A window whose maximum the ReLU zeroed passes no tangent, to its features or to the bias.
