@@ -9,6 +9,7 @@ import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -196,6 +197,25 @@ def test_huge_learning_rate_stops_with_a_clear_error(tmp_path, learnable_data):
     retried = train(quick_config(tmp_path, learning_rate=1e-2, optimizer="sgd", epochs=1))
     assert len(retried.history) == 1 and math.isfinite(retried.history[0]["train_loss"])
     assert json.loads((tmp_path / "run" / "config.json").read_text())["learning_rate"] == 1e-2
+
+
+def test_a_bad_gradient_on_an_epochs_last_step_is_caught_before_its_checkpoint(tmp_path, learnable_data, monkeypatch):
+    # The step checks only its loss; a NaN gradient whose step's loss was finite shows in the parameters, which the
+    # loop checks before it saves. Here the update of the epoch's last step is NaN: no later loss would see it.
+    import optax
+
+    steps_per_epoch = len(learnable_data.train_labels) // 32
+
+    def nan_update_on_step(bad_step: int) -> optax.GradientTransformation:
+        def update(updates, count, params=None):
+            return jax.tree.map(lambda u: jnp.where(count + 1 == bad_step, jnp.nan, u), updates), count + 1
+        return optax.GradientTransformation(lambda params: jnp.zeros((), jnp.int32), update)
+
+    monkeypatch.setattr(train_module, "create_optimizer",
+                        lambda config, steps: optax.chain(optax.adam(1e-3), nan_update_on_step(steps_per_epoch)))
+    with pytest.raises(TrainingDivergedError, match=rf"NaN/Inf in epoch 1 at step {steps_per_epoch} of the run"):
+        train(quick_config(tmp_path, epochs=1))
+    assert not any((tmp_path / "run" / "checkpoints").glob("*"))  # nothing NaN was saved
 
 
 def test_divergence_stops_mid_epoch_without_a_progress_bar(tmp_path, learnable_data, monkeypatch):
