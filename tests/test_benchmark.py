@@ -1,6 +1,9 @@
 """`cifar-jax benchmark`: every figure present and positive; FLOPs agree with a hand count; bfloat16 still learns."""
 import importlib
+import importlib.util
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -9,6 +12,7 @@ from cifar_jax.cli import main
 from learnable import class_coloured_dataset
 
 train_module = importlib.import_module("cifar_jax.train")
+ROOT = Path(__file__).resolve().parents[1]
 
 POSITIVE_KEYS = ("compile_seconds", "train_images_per_second", "epoch_seconds", "flops_per_image",
                  "achieved_flops_per_second", "eval_images_per_second", "predict_images_per_second",
@@ -96,3 +100,18 @@ def test_bfloat16_learns_as_well_as_float32(tmp_path, monkeypatch):
         accuracy[dtype] = train(config).history[-1]["test_accuracy"]
     assert accuracy["float32"] > 0.8  # chance is 0.1
     assert abs(accuracy["bfloat16"] - accuracy["float32"]) <= 0.05, accuracy
+
+
+def test_the_table_script_runs_the_models_and_batch_sizes_asked_for(capsys):
+    spec = importlib.util.spec_from_file_location("benchmark_script", ROOT / "scripts" / "benchmark.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    # One fresh process per cell; every flag the table does not know goes on to `cifar-jax benchmark`.
+    assert script.main(["--table", "--models", "model0", "model2", "--batch-sizes", "16", "--max-steps", "2",
+                        "--windows", "2"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if re.match(r"\| model\d ", line)]
+    assert [row.split(" | ")[:4] for row in rows] == [["| model0", "16", "float32", "4× cpu"],
+                                                      ["| model2", "16", "float32", "4× cpu"]]
+    for row in rows:
+        train_rate, epoch_seconds = (float(cell.replace(",", "")) for cell in row.split(" | ")[5:7])
+        assert train_rate > 0 and epoch_seconds == pytest.approx(50_000 / train_rate, rel=0.02, abs=0.06)
