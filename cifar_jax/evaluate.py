@@ -13,10 +13,9 @@ from typing import Any, Optional
 import numpy as np
 
 from cifar_jax import checkpoint, parallel
+from cifar_jax.config import EVAL_BATCH_SIZE
 from cifar_jax.data import Cifar10, check_dataset, load_cifar10
 from cifar_jax.train import Evaluator, abstract_model, abstract_params, loss_and_accuracy
-
-DEFAULT_EVAL_BATCH_SIZE = 1000  # used when a checkpoint's config does not say
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +102,7 @@ def eval_batch_size(requested: int, num_examples: int, num_devices: int) -> int:
 
 
 def model_logits(model_name: str, params: Any, standardize: bool, images_nhwc_uint8: np.ndarray,
-                num_devices: Optional[int] = None, requested_batch: int = DEFAULT_EVAL_BATCH_SIZE,
+                num_devices: Optional[int] = None, requested_batch: int = EVAL_BATCH_SIZE,
                 tta_flip: bool = False) -> np.ndarray:
     """Logits of every image, in order, computed on `num_devices` devices (all when None); with `tta_flip`,
     averaged with the mirror images' logits."""
@@ -140,7 +139,7 @@ def dataset_for(metadata: dict, data_dir: Optional[str] = None, source: Optional
 def evaluate_restored(restored: checkpoint.Restored, dataset: Cifar10, num_devices: Optional[int] = None) -> EvaluationResult:
     meta = restored.metadata
     config = meta.get("config", {})
-    requested_batch = config.get("eval_batch_size", DEFAULT_EVAL_BATCH_SIZE)
+    requested_batch = config.get("eval_batch_size", EVAL_BATCH_SIZE)
     # The same test-time view the run's own test metrics used (flip TTA when it was configured).
     logits = model_logits(meta["model"], restored.params, meta["normalization"]["standardize"], dataset.test_images,
                          num_devices, requested_batch, bool(config.get("tta_flip")))

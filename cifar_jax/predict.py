@@ -27,7 +27,7 @@ from flax import nnx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cifar_jax import checkpoint
-from cifar_jax.config import is_whole_number
+from cifar_jax.config import EVAL_BATCH_SIZE, is_whole_number
 from cifar_jax.data import CIFAR10_MEAN, CIFAR10_STD, normalize_images
 from cifar_jax.errors import CheckpointError, InputError, first_line
 from cifar_jax.models import IMAGE_SHAPE
@@ -40,7 +40,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 MAX_IMAGE_PIXELS = 64_000_000
 # Antialiased: a large image shrunk to 32×32 keeps its average colours instead of aliasing.
 RESAMPLING = Image.Resampling.LANCZOS
-DEFAULT_BATCH_SIZE = 256  # images per device step (all devices together); padded, so any N uses the same shape
+# Images per step (all devices together), as for evaluation (the same forward pass); padded, so any N uses the
+# same shape.
+DEFAULT_BATCH_SIZE = EVAL_BATCH_SIZE
 ERROR_MODES = ("raise", "skip")
 HALF_LEVEL = 0.5 / 255  # of a float pixel in [0, 1]
 _HIGH_BIT_DEPTH_GREY_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
