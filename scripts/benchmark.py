@@ -33,7 +33,8 @@ def table(models: list[str], batch_sizes: list[int], extra_args: list[str]) -> s
     for model in models:
         for batch_size in batch_sizes:
             r = benchmark_cell(model, batch_size, extra_args)
-            rows.append(f"| {model} | {batch_size} | {r['dtype']} | {r['device_count']}× {r['device_kind']} | "
+            # The cell's own report names its model and batch: a flag passed on to every cell could override them.
+            rows.append(f"| {r['model']} | {r['batch_size']} | {r['dtype']} | {r['device_count']}× {r['device_kind']} | "
                         f"{r['compile_seconds']:.1f} | {r['train_images_per_second']:,.0f} | {r['epoch_seconds']:.1f} | "
                         f"{r['eval_images_per_second']:,.0f} | {r['predict_images_per_second']:,.0f} | "
                         f"{r['achieved_flops_per_second'] / 1e9:.0f} |")
