@@ -1,7 +1,7 @@
 """How fast is it, measured: compile time, steady-state training and inference throughput, FLOPs, memory.
 
 Everything is timed on the real code paths: the training loop's own data-parallel step (built by
-`train.build_train_step`), the `Evaluator` the loop evaluates with, and `Predictor.predict` on arrays.
+`steps.build_train_step`), the `BatchedInference` the loop evaluates with, and `Predictor.predict` on arrays.
 Throughput is the median of several timed windows after a warm-up; the device is synchronised at each window's
 end, so asynchronous dispatch cannot flatter the figure.
 """
@@ -19,12 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from cifar_jax import checkpoint, optim, parallel
+from cifar_jax.backends import resolve_kernels
 from cifar_jax.config import TrainConfig, check_positive_integer
 from cifar_jax.errors import ConfigError
 from cifar_jax.data import CLASS_NAMES, Cifar10, load_cifar10
-from cifar_jax.predict import DEFAULT_BATCH_SIZE, Predictor
-from cifar_jax.train import (Evaluator, TrainState, build_train_step, empty_running_metrics, epoch_order,
-                             init_params)
+from cifar_jax.models import init_params
+from cifar_jax.predict import Predictor
+from cifar_jax.steps import BatchedInference, TrainState, build_train_step, empty_running_metrics
+from cifar_jax.train import epoch_order
 
 EPOCH_IMAGES = 50_000  # "seconds per epoch" is always for CIFAR-10's full training set
 WARMUP_STEPS = 10
@@ -114,7 +116,7 @@ def time_training(config: TrainConfig, dataset: Cifar10, devices: parallel.Devic
     def run_steps(first: int, count: int):
         for index in range(first, first + count):
             carry[0], carry[1] = compiled(carry[0], carry[1], images, labels, batch(index))
-            parallel.wait_every_few_programs(index + 1, carry[0])  # as the training loop does
+            devices.wait_every_few_programs(index + 1, carry[0])  # as the training loop does
         return carry[0]
 
     jax.block_until_ready(run_steps(0, WARMUP_STEPS))
@@ -139,18 +141,18 @@ def time_training(config: TrainConfig, dataset: Cifar10, devices: parallel.Devic
 
 def time_evaluation(config: TrainConfig, graphdef, params: dict, dataset: Cifar10, devices: parallel.DeviceSet,
                     repeats: int) -> float:
-    evaluator = Evaluator(graphdef, config.standardize, config.eval_batch_size, devices, config.tta_flip)
-    params_replicated, images = devices.replicate((params, dataset.test_images))
-    count = len(dataset.test_labels)
-    evaluator.logits(params_replicated, images, count)  # compiles
-    return median_rate(lambda _: evaluator.logits(params_replicated, images, count), count, repeats)
+    inference = BatchedInference(graphdef, config.standardize, devices, config.eval_batch_size, config.tta_flip,
+                                 config.kernels)
+    params_replicated, images = devices.replicate(params), dataset.test_images
+    inference(params_replicated, images)  # compiles
+    return median_rate(lambda _: inference(params_replicated, images), len(images), repeats)
 
 
 def time_prediction(config: TrainConfig, graphdef, params: dict, dataset: Cifar10, devices: parallel.DeviceSet,
                     repeats: int) -> float:
-    predictor = Predictor(graphdef, params, CLASS_NAMES, config.standardize, DEFAULT_BATCH_SIZE, devices,
-                          tta_flip=config.tta_flip)
-    predictor.predict(dataset.test_images[:DEFAULT_BATCH_SIZE])  # compiles
+    predictor = Predictor(graphdef, params, CLASS_NAMES, config.standardize, devices=devices,
+                          tta_flip=config.tta_flip, kernels=config.kernels)
+    predictor.predict(dataset.test_images[:predictor.batch_size])  # compiles
     return median_rate(lambda _: predictor.predict(dataset.test_images).probabilities, len(dataset.test_images),
                        repeats)
 
@@ -162,7 +164,7 @@ def run_benchmark(config: TrainConfig, settings: BenchmarkSettings = BenchmarkSe
     """Every figure of `cifar-jax benchmark` as one flat dict (the --json output)."""
     config = config.resolved()
     devices = parallel.DeviceSet.select(config.num_devices)
-    config.check_devices(devices.global_count)
+    config = config.for_devices(devices.global_count, devices.defaults.eval_batch_size)
     dataset = load_cifar10(config.data_dir, config.data)
     training = time_training(config, dataset, devices, settings)
     graphdef, params = training.pop("_graphdef"), training.pop("_params")
@@ -173,6 +175,7 @@ def run_benchmark(config: TrainConfig, settings: BenchmarkSettings = BenchmarkSe
         "data_source": dataset.source,
         "device_kind": devices.local[0].device_kind,
         "device_count": devices.global_count,
+        "kernels": resolve_kernels(config.kernels, devices.platform),
         **training,
         "eval_images_per_second": time_evaluation(config, graphdef, params, dataset, devices,
                                                   settings.inference_repeats),
@@ -189,8 +192,8 @@ def run_benchmark(config: TrainConfig, settings: BenchmarkSettings = BenchmarkSe
 
 def format_benchmark(result: dict[str, Any]) -> str:
     lines = [
-        f"{result['model']} · batch {result['batch_size']} · {result['dtype']} · {result['device_count']}× "
-        f"{result['device_kind']} · data {result['data_source']}",
+        f"{result['model']} · batch {result['batch_size']} · {result['dtype']} · {result['kernels']} kernels · "
+        f"{result['device_count']}× {result['device_kind']} · data {result['data_source']}",
         f"compile                 {result['compile_seconds']:.2f} s",
         f"training                {result['train_images_per_second']:,.0f} img/s "
         f"({result['epoch_seconds']:.1f} s per 50,000-image epoch; median of windows over {result['timed_steps']} steps)",

@@ -23,11 +23,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from cifar_jax import distributed, parallel
+from cifar_jax import distributed, parallel, rundir
 from cifar_jax.config import is_whole_number
 from cifar_jax.errors import CheckpointError, CheckpointSaveError, CifarJaxError, first_line
 
-CHECKPOINTS_SUBDIR = "checkpoints"
 BEST_METRIC = "test_accuracy"
 _VERSIONED_PACKAGES = ("cifar-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
 
@@ -70,17 +69,12 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def run_checkpoints(workdir: str | Path) -> Path:
-    """The checkpoints/ folder of a training run's workdir (whatever the workdir itself is called)."""
-    return Path(workdir).expanduser().absolute() / CHECKPOINTS_SUBDIR
-
-
 def checkpoint_dir(workdir_or_checkpoints: str | Path) -> Path:
     """For evaluate and predict: accept either a run's workdir or its checkpoints/ folder."""
     path = Path(workdir_or_checkpoints).expanduser().absolute()
-    if path.name == CHECKPOINTS_SUBDIR and not (path / CHECKPOINTS_SUBDIR).exists():
+    if path.name == rundir.CHECKPOINTS_SUBDIR and not (path / rundir.CHECKPOINTS_SUBDIR).exists():
         return path
-    return path / CHECKPOINTS_SUBDIR
+    return path / rundir.CHECKPOINTS_SUBDIR
 
 
 def _best_metric(metrics: dict) -> float:
@@ -115,7 +109,7 @@ def managed(workdir: str | Path, keep_latest: int = 3) -> Iterator[ocp.Checkpoin
     In a multi-process run a lost peer ends it as `PeerLostError`, and the pending save is left unfinished:
     its barrier would wait for the dead process (the previous checkpoint stays the latest good one).
     """
-    manager = open_manager(run_checkpoints(workdir), keep_latest)
+    manager = open_manager(rundir.checkpoints_dir(workdir), keep_latest)
     resume_hint = f"start every process again to resume from the last checkpoint in {Path(workdir)}"
     try:
         with distributed.peer_failures_as_errors(resume_hint):
@@ -247,7 +241,7 @@ def restore_newest_good(manager: ocp.CheckpointManager, abstract_params: Any, ab
 
 
 def _quarantine(manager: ocp.CheckpointManager, step: int, error: Exception, fallback: str) -> None:
-    quarantine = Path(manager.directory).parent / "corrupt_checkpoints" / f"{step}-{int(time.time())}"
+    quarantine = Path(manager.directory).parent / rundir.CORRUPT_CHECKPOINTS_SUBDIR / f"{step}-{int(time.time())}"
     warnings.warn(f"checkpoint {step} in {manager.directory} is unreadable ({first_line(error)}); "
                   f"moving it to {quarantine} and falling back to {fallback}", stacklevel=3)
     quarantine.parent.mkdir(exist_ok=True)
@@ -262,7 +256,7 @@ def restore_for_inference(location: str | Path, step: str | int, abstract_params
     if not isinstance(location, (str, os.PathLike)):
         raise CheckpointError(f"expected the workdir of a training run (a folder path), got {location!r}")
     path = Path(location).expanduser().absolute()
-    if path.name.isdigit() and path.parent.name == CHECKPOINTS_SUBDIR:
+    if path.name.isdigit() and path.parent.name == rundir.CHECKPOINTS_SUBDIR:
         path, step = path.parent, int(path.name)
     path = checkpoint_dir(path)
     if not path.is_dir():

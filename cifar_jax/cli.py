@@ -12,35 +12,12 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-from cifar_jax.config import value_type
 from cifar_jax.errors import CifarJaxError
-
-
-def add_config_flags(parser: argparse.ArgumentParser, config_class: type, skip: tuple[str, ...] = ()) -> None:
-    """One --flag per config field, help from the field's metadata; unset flags stay None (= keep the default)."""
-    hints = typing.get_type_hints(config_class)
-    for field in dataclasses.fields(config_class):
-        if field.name in skip:
-            continue
-        flag = "--" + field.name.replace("_", "-")
-        kind = value_type(hints[field.name])
-        # A None default is "unset", and every such field's help says what unset means.
-        default = "" if field.default is None else f" (default: {field.default})"
-        help_text = field.metadata.get("help", "") + default
-        if kind is bool:
-            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            parser.add_argument(flag, dest=field.name, type=kind, default=None, metavar=field.name.upper(), help=help_text)
-
-
-def config_overrides(args: argparse.Namespace, config_class: type) -> dict[str, Any]:
-    """The config fields the user set on the command line."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)
-            if getattr(args, f.name, None) is not None}
+from cifar_jax.flags import add_dataclass_flags, given_fields
 
 
 def _train(args: argparse.Namespace) -> int:
-    from cifar_jax import distributed
+    from cifar_jax import distributed, rundir
     from cifar_jax.config import TrainConfig
     from cifar_jax.parallel import is_main_process
     from cifar_jax.train import train
@@ -52,10 +29,10 @@ def _train(args: argparse.Namespace) -> int:
     distributed.initialize(settings)  # before anything touches a device
     if not is_main_process():
         warnings.simplefilter("ignore")  # process 0 prints them once; N copies of each would bury the progress
-    overrides = config_overrides(args, TrainConfig)
-    saved = Path(overrides["workdir"]).expanduser() / "config.json" if "workdir" in overrides else None
+    announce_backend()
+    overrides = given_fields(args, TrainConfig)
     # Resuming with just --workdir takes the run's own settings; flags given on top must agree with them.
-    base = TrainConfig.load(saved) if saved and saved.exists() else TrainConfig()
+    base = (rundir.saved_config(overrides["workdir"]) if "workdir" in overrides else None) or TrainConfig()
     if distributed.is_multi_process() and "num_devices" not in overrides:
         # A run started on some local devices resumes on every device of every process (the same computation).
         base = dataclasses.replace(base, num_devices=None)
@@ -63,6 +40,22 @@ def _train(args: argparse.Namespace) -> int:
     if not result.interrupted and is_main_process():
         print(f"run finished: {result.workdir}")
     return 0
+
+
+def announce_backend(stream: Optional[typing.TextIO] = None) -> None:
+    """The backend and device count, first thing (process 0 only), and a warning when a GPU sits unused."""
+    import jax
+
+    from cifar_jax import backends
+
+    if jax.process_index() != 0:
+        return
+    platform = jax.default_backend()
+    print(backends.startup_line(platform, jax.device_count(), jax.process_count()), file=stream or sys.stdout,
+          flush=True)
+    warning = backends.cpu_fallback_warning(platform, backends.gpu_visible())
+    if warning:
+        warnings.warn(warning)
 
 
 def _add_run_evaluation_flags(parser: argparse.ArgumentParser) -> None:
@@ -82,6 +75,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from cifar_jax.evaluate import evaluate, format_result
 
+    announce_backend()
     result = evaluate(args.workdir, args.step, num_devices=args.num_devices, data_dir=args.data_dir, data=args.data)
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_result(result))
     return 0
@@ -90,6 +84,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from cifar_jax.report import report_run
 
+    announce_backend()
     run_report = report_run(args.workdir, args.step, args.images or (), args.data_dir, args.data, args.num_devices)
     print("\n".join(str(path) for path in run_report.plots.values()))
     print(f"report: {run_report.report}")
@@ -100,12 +95,13 @@ def _predict(args: argparse.Namespace) -> int:
     import json
 
     from cifar_jax.errors import InputError
-    from cifar_jax.predict import DEFAULT_BATCH_SIZE, Predictor
+    from cifar_jax.predict import Predictor
 
     if args.top_k < 1:
         raise InputError(f"--top-k must be at least 1, got {args.top_k}")
-    batch_size = DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size
-    predictor = Predictor.from_checkpoint(args.workdir, args.step, batch_size=batch_size, num_devices=args.num_devices)
+    announce_backend(sys.stderr if args.json else sys.stdout)  # --json keeps stdout to one object per line
+    predictor = Predictor.from_checkpoint(args.workdir, args.step, batch_size=args.batch_size,
+                                          num_devices=args.num_devices)
     failed = 0
     for row in predictor.predict_paths(args.paths, errors="skip"):
         failed += not row.ok
@@ -124,7 +120,8 @@ def _benchmark(args: argparse.Namespace) -> int:
     from cifar_jax.benchmark import BenchmarkSettings, format_benchmark, run_benchmark
     from cifar_jax.config import TrainConfig
 
-    config = TrainConfig(**{**config_overrides(args, TrainConfig), "progress": False})
+    announce_backend()
+    config = TrainConfig(**{**given_fields(args, TrainConfig), "progress": False})
     settings = BenchmarkSettings(epochs=args.timed_epochs, windows=args.windows, max_steps=args.max_steps)
     result = run_benchmark(config, settings)
     print(json.dumps(result, indent=2) if args.json else format_benchmark(result))
@@ -139,7 +136,7 @@ def _add_benchmark_parser(commands) -> None:
         description="Times the real train step, evaluation and predict path: compile seconds, steady-state images/s "
                     "(median of timed windows after a warm-up), seconds per 50,000-image epoch, FLOPs per image "
                     "from XLA's cost analysis, peak memory. Uses synthetic data unless --data says otherwise.")
-    add_config_flags(parser, TrainConfig, skip=("epochs", "workdir", "resume", "progress", "checkpoint_every",
+    add_dataclass_flags(parser, TrainConfig, skip=("epochs", "workdir", "resume", "progress", "checkpoint_every",
                                                 "keep_checkpoints"))
     parser.set_defaults(data="synthetic")
     parser.add_argument("--epochs", dest="timed_epochs", type=float, default=1.0,
@@ -155,8 +152,10 @@ def _compare(args: argparse.Namespace) -> int:
     from cifar_jax.compare import FAILED, INTERRUPTED, RESULTS_MD, compare, comparison_from_options
     from cifar_jax.config import TrainConfig
 
-    base, grid, out, parallel = comparison_from_options(args.config, config_overrides(args, TrainConfig), args.models,
+    base, grid, out, parallel = comparison_from_options(args.config, given_fields(args, TrainConfig), args.models,
                                                         args.grid or (), args.out, args.parallel)
+    if not parallel:  # with --parallel this process must not claim the devices its workers need
+        announce_backend()
     from cifar_jax.distributed import exiting_at_once_on_stuck_threads
 
     rows = exiting_at_once_on_stuck_threads(lambda: compare(base, grid, out, parallel=parallel))
@@ -191,7 +190,7 @@ def _add_compare_parser(commands) -> None:
                              "flags given here override it")
     parser.add_argument("--parallel", action="store_true",
                         help="train runs side by side, one per device, each in its own process")
-    add_config_flags(parser, TrainConfig, skip=("model", "workdir", "resume"))
+    add_dataclass_flags(parser, TrainConfig, skip=("model", "workdir", "resume"))
     parser.set_defaults(handler=_compare)
 
 
@@ -221,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train_parser = commands.add_parser("train", help="train or resume a model",
                                        description="Train a model; on a workdir with checkpoints, resume it.")
-    add_config_flags(train_parser, TrainConfig)
+    add_dataclass_flags(train_parser, TrainConfig)
     distributed.add_flags(train_parser)
     train_parser.set_defaults(handler=_train)
 
@@ -254,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict_parser.add_argument("--json", action="store_true",
                                 help="one JSON object per image: path, label, probability, top_k; or path, error")
     predict_parser.add_argument("--batch-size", type=int, default=None,
-                                help="images per device step, all devices together (default: 256)")
+                                help="images per device step, all devices together (default: the backend's, CPU 256, "
+                                     "GPU/TPU 1024)")
     predict_parser.add_argument("--num-devices", type=int, default=None,
                                 help="use only the first N local devices (default: all)")
     predict_parser.set_defaults(handler=_predict)

@@ -29,16 +29,18 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import jax
 import numpy as np
 
-from cifar_jax.config import TrainConfig, conflicting_fields, value_type
-from cifar_jax.distributed import exiting_at_once_on_stuck_threads
+from cifar_jax import rundir
+from cifar_jax.config import TrainConfig, conflicting_fields
+from cifar_jax.flags import value_type
+from cifar_jax.distributed import exiting_at_once_on_stuck_threads, signal_on_parent_death
 from cifar_jax.errors import CheckpointSaveError, CifarJaxError, ConfigError, first_line
 from cifar_jax.models import MODELS, count_params
-from cifar_jax.report import markdown_table, read_history
-from cifar_jax.train import stop_requests, train, write_json_atomically
+from cifar_jax.report import markdown_table
+from cifar_jax.train import stop_requests, train
 
 RUNS_SUBDIR = "runs"
-RUN_RECORD_FILE = "compare_result.json"  # how a run ended, written by compare into the run's workdir
-RUN_LOG_FILE = "train.log"  # a worker's output (parallel runs only)
+RUN_RECORD_FILE = rundir.COMPARE_RECORD_FILE
+RUN_LOG_FILE = rundir.WORKER_LOG_FILE
 RESULTS_CSV = "results.csv"
 RESULTS_MD = "results.md"
 CURVES_PNG = "test_curves.png"
@@ -213,12 +215,12 @@ def check_out_dir(runs: Sequence[Run], out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"{out_dir} is a file, not a folder: choose another --out")
     for run in runs:
-        saved_config = run.workdir / "config.json"
         try:
             requested = run.config.resolved()
         except ConfigError:
             continue
-        conflicts = conflicting_fields(TrainConfig.load(saved_config), requested) if saved_config.exists() else []
+        saved = rundir.saved_config(run.workdir)
+        conflicts = conflicting_fields(saved, requested) if saved is not None else []
         if conflicts:
             raise ConfigError(f"{out_dir} holds a comparison with other settings (run {run.name}: "
                               f"{'; '.join(conflicts)}): use a new --out, or the settings it was run with")
@@ -246,17 +248,16 @@ def read_run_record(workdir: Path) -> dict:
 
 def write_run_record(workdir: Path, record: dict) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(workdir / RUN_RECORD_FILE, json.dumps(record, indent=2) + "\n")
+    rundir.write_json(workdir / RUN_RECORD_FILE, record)
 
 
 def is_finished(run: Run) -> bool:
     """Finished earlier with this comparison's settings (same epochs, same run identity)."""
-    saved_config = run.workdir / "config.json"
-    if read_run_record(run.workdir).get("status") != FINISHED or not saved_config.exists():
+    if read_run_record(run.workdir).get("status") != FINISHED:
         return False
     try:
-        requested, saved = run.config.resolved(), TrainConfig.load(saved_config)
-        return saved.epochs == requested.epochs and not conflicting_fields(saved, requested)
+        requested, saved = run.config.resolved(), rundir.saved_config(run.workdir)
+        return saved is not None and saved.epochs == requested.epochs and not conflicting_fields(saved, requested)
     except (CifarJaxError, ValueError):  # training again reports what is wrong, as this run's error
         return False
 
@@ -388,18 +389,6 @@ def run_side_by_side(runs: Sequence[tuple[str, Run]], on_run_end, poll_seconds: 
                     on_run_end()
 
 
-def _stop_with_parent(parent_pid: int) -> bool:
-    """Linux: have the kernel send this worker SIGTERM (save and stop) if the comparison process dies, so no orphan
-    goes on training a run the next comparison resumes. False if the parent is already gone."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: a killed comparison may leave its workers running
-        pass
-    return os.getppid() == parent_pid
-
-
 # ---------------------------------------------------------------- results
 
 
@@ -410,7 +399,7 @@ def parameter_count(model: str) -> Optional[int]:
 
 def run_row(run: Run, grid_fields: Sequence[str]) -> dict[str, Any]:
     """One row of the results table, read from the run's files: metrics after its last epoch, best test accuracy."""
-    history = read_history(run.workdir, {})
+    history = rundir.read_history(run.workdir)
     record = read_run_record(run.workdir)
     status = record.get("status", PENDING)
     if status == FINISHED and not is_finished(run):  # finished with other settings (fewer epochs): not yet redone
@@ -525,7 +514,7 @@ def write_results(out_dir: Path, runs: Sequence[Run], base: TrainConfig, grid: M
                   plot: bool = False) -> list[dict]:
     rows = [run_row(run, list(grid)) for run in runs]
     if plot:
-        plot_test_curves({run.name: read_history(run.workdir, {}) for run in runs}, out_dir / CURVES_PNG)
+        plot_test_curves({run.name: rundir.read_history(run.workdir) for run in runs}, out_dir / CURVES_PNG)
     write_tables(out_dir, rows, result_columns(list(grid)), f"Comparison of {len(runs)} run{'s' * (len(runs) != 1)}",
                  comparison_notes(base, grid, rows))
     return rows
@@ -584,7 +573,8 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--worker", required=True, help="the run's TrainConfig as JSON")
     parser.add_argument("--parent-pid", type=int, required=True, help="the comparison process")
     args = parser.parse_args(argv)
-    if not _stop_with_parent(args.parent_pid):
+    # SIGTERM (save and stop) if the comparison dies, so no orphan trains a run the next comparison resumes
+    if not signal_on_parent_death(args.parent_pid, signal.SIGTERM):
         return 1
     exiting_at_once_on_stuck_threads(lambda: train_run(TrainConfig.from_dict(json.loads(args.worker))))
     return 0

@@ -13,6 +13,7 @@ from typing import Any, Optional
 import numpy as np
 
 from cifar_jax.augment import PAD_MODES
+from cifar_jax.backends import KERNEL_CHOICES
 from cifar_jax.data import DATA_SOURCES
 from cifar_jax.errors import ConfigError, one_line
 from cifar_jax.models import IMAGE_SHAPE, MODELS
@@ -21,9 +22,6 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine", "onecycle")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 DEFAULT_RUNS_DIR = Path("checkpoints")
-# Evaluating CIFAR-10's 10,000 test images on this 2-core CPU (one device, median of 5): model0 42,681 img/s at
-# batch 256 against 19,783 at 1,000, model1 35,852 against 23,663; a batch of 1,000 outgrows the caches.
-EVAL_BATCH_SIZE = 256
 
 # The tutorial's training settings per model; `learning_rate`/`optimizer` left unset take these.
 # model2 is model1's network; plain SGD at 0.01 (Keras's 'sgd' default) reproduces its weaker tutorial result.
@@ -96,7 +94,8 @@ class TrainConfig:
     data_dir: Optional[str] = _field(None, "dataset folder; unset uses $TFDS_DATA_DIR, else ~/tensorflow_datasets")
     workdir: Optional[str] = _field(None, "run folder for metrics, checkpoints and plots; unset makes checkpoints/MODEL-TIME")
     standardize: bool = _field(False, "per-channel standardise with CIFAR-10's mean/std (the tutorial only divides by 255)")
-    eval_batch_size: int = _field(EVAL_BATCH_SIZE, "global batch size for evaluation; the last batch is padded, never dropped")
+    eval_batch_size: Optional[int] = _field(None, "global batch size for evaluation, the last batch padded, never "
+                                            "dropped; unset takes the backend's (CPU: 256, GPU/TPU: 1024)")
     checkpoint_every: int = _field(1, "save a checkpoint every N epochs (and always after the last one)")
     keep_checkpoints: int = _field(3, "how many latest checkpoints to keep; the best by test accuracy is kept too")
     resume: bool = _field(True, "continue from WORKDIR's latest checkpoint; --no-resume refuses a workdir that has one")
@@ -104,6 +103,9 @@ class TrainConfig:
     num_devices: Optional[int] = _field(None, "use only the first N local devices; unset uses every device")
     dtype: str = _field("float32", "compute dtype of the forward and backward pass: float32, or bfloat16 (weights, "
                         "optimizer and loss stay float32)")
+    kernels: str = _field("auto", "forms of the conv blocks: cpu (tuned for XLA:CPU), xla (plain Flax ops, what GPUs "
+                          "and TPUs are tuned for), or auto (cpu on CPUs, xla elsewhere); results agree within float "
+                          "rounding")
 
     def resolved(self) -> "TrainConfig":
         """A copy with the recipe's values in every unset field and every value checked (devices are checked later)."""
@@ -137,9 +139,11 @@ class TrainConfig:
         return dataclasses.replace(self, warmup_epochs=warmup, weight_decay=decay)
 
     def validate(self) -> None:
-        positive_ints = ("epochs", "batch_size", "eval_batch_size", "checkpoint_every", "keep_checkpoints")
+        positive_ints = ("epochs", "batch_size", "checkpoint_every", "keep_checkpoints")
         for name in positive_ints:
             check_positive_integer(name, getattr(self, name))
+        if self.eval_batch_size is not None:
+            check_positive_integer("eval_batch_size", self.eval_batch_size)
         for name in ("workdir", "data_dir"):
             if not isinstance(getattr(self, name), (str, os.PathLike, type(None))):
                 raise ConfigError(f"{name} must be a folder path, got {getattr(self, name)!r}")
@@ -154,6 +158,8 @@ class TrainConfig:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
         if self.dtype not in COMPUTE_DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}: choose one of {', '.join(COMPUTE_DTYPES)}")
+        if self.kernels not in KERNEL_CHOICES:
+            raise ConfigError(f"unknown kernels {self.kernels!r}: choose one of {', '.join(KERNEL_CHOICES)}")
         if self.data not in DATA_SOURCES:
             raise ConfigError(f"unknown data source {self.data!r}: choose one of {', '.join(DATA_SOURCES)}")
         self._validate_recipe_fields()
@@ -190,6 +196,14 @@ class TrainConfig:
             raise ConfigError(f"cutout must be an integer from 0 to {IMAGE_SHAPE[0]} (0 = off), got {self.cutout!r}")
         if self.cutout and not self.augment:
             raise ConfigError(f"cutout {self.cutout} only applies to augmented images: add --augment, or drop --cutout")
+
+    def for_devices(self, num_devices: int, default_eval_batch_size: int) -> "TrainConfig":
+        """A copy with the backend's evaluation batch if none was set, checked against the device count."""
+        config = self
+        if config.eval_batch_size is None:
+            config = dataclasses.replace(config, eval_batch_size=default_eval_batch_size)
+        config.check_devices(num_devices)
+        return config
 
     def check_devices(self, num_devices: int) -> None:
         for name in ("batch_size", "eval_batch_size"):
@@ -229,12 +243,6 @@ class TrainConfig:
             raise ConfigError(f"{path} holds {type(values).__name__}, not a run config: restore it from a backup, "
                               "or train into a new --workdir")
         return cls.from_dict(values)
-
-
-def value_type(annotation: Any) -> Any:
-    """int / float / str / bool from a config field's annotation such as Optional[float] (for flags and grids)."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    return args[0] if args else annotation
 
 
 def _is_number(value: Any) -> bool:

@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 from cifar_jax.errors import CheckpointSaveError, CifarJaxError, ConfigError, first_line
+from cifar_jax.flags import add_dataclass_flags, field_types
 
 ENV_PREFIX = "CIFAR_JAX_"
 DEFAULT_HEARTBEAT_TIMEOUT_SECONDS = 100  # JAX's own default: a silent peer is declared dead after this
@@ -55,8 +56,8 @@ class PeerLostError(DistributedError):
     """Another process of a multi-process run stopped, so this one cannot go on."""
 
 
-def _setting(default, kind: type, help_text: str):
-    return dataclasses.field(default=default, metadata={"type": kind, "help": help_text})
+def _setting(default, help_text: str):
+    return dataclasses.field(default=default, metadata={"help": help_text})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,14 +67,14 @@ class DistributedSettings:
     Every field is a `train` flag (--coordinator-address ...) and a CIFAR_JAX_<FIELD> environment variable.
     """
 
-    coordinator_address: Optional[str] = _setting(None, str, "HOST:PORT of process 0's coordinator, the same on "
-                                                             "every process")
-    num_processes: Optional[int] = _setting(None, int, "processes in the run, one per host (1: single process)")
-    process_id: Optional[int] = _setting(None, int, "this process's number, 0 ... num_processes-1 (0 runs the "
-                                                    "coordinator)")
-    heartbeat_timeout: int = _setting(DEFAULT_HEARTBEAT_TIMEOUT_SECONDS, int,
+    coordinator_address: Optional[str] = _setting(None, "HOST:PORT of process 0's coordinator, the same on "
+                                                           "every process")
+    num_processes: Optional[int] = _setting(None, "processes in the run, one per host (1: single process)")
+    process_id: Optional[int] = _setting(None, "this process's number, 0 ... num_processes-1 (0 runs the "
+                                                  "coordinator)")
+    heartbeat_timeout: int = _setting(DEFAULT_HEARTBEAT_TIMEOUT_SECONDS,
                                       "seconds of silence after which JAX counts a peer as dead")
-    initialization_timeout: int = _setting(DEFAULT_INITIALIZATION_TIMEOUT_SECONDS, int,
+    initialization_timeout: int = _setting(DEFAULT_INITIALIZATION_TIMEOUT_SECONDS,
                                            "seconds to wait for every process to connect")
 
     @property
@@ -104,25 +105,21 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "multi-host", "process settings, not part of the run; each also read from CIFAR_JAX_<NAME>. Unset, JAX's "
         "cluster auto-detection applies (SLURM, Open MPI, TPU pods), else this is a single-process run")
-    for field in dataclasses.fields(DistributedSettings):
-        default = "" if field.default is None else f" (default: {field.default})"
-        group.add_argument("--" + field.name.replace("_", "-"), dest=field.name, type=field.metadata["type"],
-                           default=None, metavar=field.name.upper(), help=field.metadata["help"] + default)
+    add_dataclass_flags(group, DistributedSettings)
 
 
 def settings_from(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> DistributedSettings:
     """Flags first, then CIFAR_JAX_* environment variables, then the defaults."""
     values = {}
-    for field in dataclasses.fields(DistributedSettings):
-        value, variable = getattr(args, field.name, None), ENV_PREFIX + field.name.upper()
+    for name, kind in field_types(DistributedSettings).items():
+        value, variable = getattr(args, name, None), ENV_PREFIX + name.upper()
         if value is None and environ.get(variable, "") != "":
             try:
-                value = field.metadata["type"](environ[variable])
+                value = kind(environ[variable])
             except ValueError:
-                raise ConfigError(f"{variable}={environ[variable]!r} is not a valid "
-                                  f"{field.metadata['type'].__name__}") from None
+                raise ConfigError(f"{variable}={environ[variable]!r} is not a valid {kind.__name__}") from None
         if value is not None:
-            values[field.name] = value
+            values[name] = value
     settings = DistributedSettings(**values)
     settings.validate()
     return settings
@@ -197,6 +194,28 @@ def agreed_stop(requested: Optional[str], global_step: int) -> Optional[str]:
     return requested or "stop requested on another process"
 
 
+def value_of_process_zero(reason: Optional[str]) -> Optional[str]:
+    """A stop reason every process acts on alike: process 0's (others learn only that it has one)."""
+    if not is_multi_process():
+        return reason
+    from jax.experimental import multihost_utils
+
+    if not multihost_utils.broadcast_one_to_all(np.int32(reason is not None)):
+        return None
+    return reason or "stopped by a callback on process 0"
+
+
+@contextlib.contextmanager
+def signals_handled_by(handler: Callable, signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+    """Handle SIGINT/SIGTERM with `handler` inside the block, then restore the previous handlers (main thread only)."""
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 # ---------------------------------------------------------------- a peer dies
 
 
@@ -249,15 +268,10 @@ def run_supervised(argv: Sequence[str], settings: DistributedSettings) -> int:
     worker = subprocess.Popen([sys.executable, "-m", "cifar_jax", *argv], stderr=subprocess.PIPE,
                               env={**os.environ, SUPERVISOR_ENV: str(os.getpid())})
     pass_on = lambda signum, _frame: worker.send_signal(signum)  # noqa: E731 (a repeated signal is harmless)
-    previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with open(log_path, "wb") as runtime_log:
-            chunks = iter(lambda: os.read(worker.stderr.fileno(), 65536), b"")  # as they come, not line by line
-            logged_lines = _split_runtime_log(chunks, sys.stderr.buffer, runtime_log)
+    with signals_handled_by(pass_on), open(log_path, "wb") as runtime_log:
+        chunks = iter(lambda: os.read(worker.stderr.fileno(), 65536), b"")  # as they come, not line by line
+        logged_lines = _split_runtime_log(chunks, sys.stderr.buffer, runtime_log)
         status = worker.wait()
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
     if not logged_lines:
         log_path.unlink()
     if status >= 0:
@@ -297,14 +311,18 @@ def _split_runtime_log(chunks: Iterable[bytes], terminal: BinaryIO, runtime_log:
     return logged
 
 
+def signal_on_parent_death(parent_pid: int, signum: int) -> bool:
+    """Linux: have the kernel send this process `signum` when its parent dies, so a killed parent leaves no orphan
+    working on. False if the parent is already gone (it died before this took effect)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signum)  # PR_SET_PDEATHSIG
+    except (AttributeError, OSError):  # no prctl: elsewhere the child outlives a killed parent
+        pass
+    return os.getppid() == parent_pid
+
+
 def exit_with_supervisor() -> None:
     """In a worker: die with the supervisor, so killing a run's process (what a scheduler does) kills its worker."""
     supervisor = os.environ.get(SUPERVISOR_ENV)
-    if not supervisor:
-        return
-    try:
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
-    except (AttributeError, OSError):  # no prctl: elsewhere the worker outlives a killed supervisor
-        return
-    if os.getppid() != int(supervisor):  # the supervisor died before prctl took effect
+    if supervisor and not signal_on_parent_death(int(supervisor), signal.SIGKILL):
         os._exit(1)

@@ -1,7 +1,7 @@
 """Evaluate a checkpoint on every test image: loss, accuracy, per-class precision/recall, confusion matrix.
 
-The counting is plain numpy on host predictions; the logits come from `train.Evaluator`, the same padded,
-any-device-count pass the training loop uses, so `evaluate` and the run's own test metrics agree.
+The counting is plain numpy on host predictions; the logits come from `steps.BatchedInference`, the same padded,
+any-device-count pass the training loop and `Predictor` use, so `evaluate` and the run's own test metrics agree.
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from typing import Any, Optional
 import numpy as np
 
 from cifar_jax import checkpoint, parallel
-from cifar_jax.config import EVAL_BATCH_SIZE
 from cifar_jax.data import Cifar10, check_dataset, load_cifar10
-from cifar_jax.train import Evaluator, abstract_model, abstract_params, loss_and_accuracy
+from cifar_jax.models import abstract_model, abstract_params
+from cifar_jax.steps import BatchedInference, loss_and_accuracy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,15 +102,16 @@ def eval_batch_size(requested: int, num_examples: int, num_devices: int) -> int:
 
 
 def model_logits(model_name: str, params: Any, standardize: bool, images_nhwc_uint8: np.ndarray,
-                num_devices: Optional[int] = None, requested_batch: int = EVAL_BATCH_SIZE,
-                tta_flip: bool = False) -> np.ndarray:
+                 num_devices: Optional[int] = None, requested_batch: Optional[int] = None,
+                 tta_flip: bool = False) -> np.ndarray:
     """Logits of every image, in order, computed on `num_devices` devices (all when None); with `tta_flip`,
-    averaged with the mirror images' logits."""
+    averaged with the mirror images' logits. `requested_batch` unset: the backend's evaluation batch."""
     devices = parallel.DeviceSet.select(num_devices)
     graphdef, _ = abstract_model(model_name)
-    batch = eval_batch_size(requested_batch, len(images_nhwc_uint8), devices.global_count)
-    evaluator = Evaluator(graphdef, standardize, batch, devices, tta_flip)
-    return evaluator.logits(devices.replicate(params), devices.replicate(images_nhwc_uint8), len(images_nhwc_uint8))
+    requested = devices.defaults.eval_batch_size if requested_batch is None else requested_batch
+    batch = eval_batch_size(requested, len(images_nhwc_uint8), devices.global_count)
+    inference = BatchedInference(graphdef, standardize, devices, batch, tta_flip)
+    return inference(devices.replicate(params), images_nhwc_uint8)
 
 
 def summarize(logits: np.ndarray, labels: np.ndarray, class_names: tuple[str, ...], model: str, step: int,
@@ -139,7 +140,7 @@ def dataset_for(metadata: dict, data_dir: Optional[str] = None, source: Optional
 def evaluate_restored(restored: checkpoint.Restored, dataset: Cifar10, num_devices: Optional[int] = None) -> EvaluationResult:
     meta = restored.metadata
     config = meta.get("config", {})
-    requested_batch = config.get("eval_batch_size", EVAL_BATCH_SIZE)
+    requested_batch = config.get("eval_batch_size")  # unset or absent: the backend's
     # The same test-time view the run's own test metrics used (flip TTA when it was configured).
     logits = model_logits(meta["model"], restored.params, meta["normalization"]["standardize"], dataset.test_images,
                          num_devices, requested_batch, bool(config.get("tta_flip")))

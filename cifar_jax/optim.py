@@ -48,3 +48,8 @@ def create_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.Gradien
         # Gradients reach the optimizer already averaged over devices, so this clips the global batch's norm.
         optimizer = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), optimizer)
     return optimizer
+
+
+def rate_at(rate: Union[float, optax.Schedule], step: int) -> float:
+    """The step size a schedule (or constant rate) gives at optimizer step `step`."""
+    return float(rate(step)) if callable(rate) else float(rate)

@@ -3,9 +3,8 @@
 The per-device steps are plain functions, as `jax.pmap` would take them, and collectives inside them
 (`lax.pmean(x, AXIS_NAME)`) average over all devices. They run as `jit(shard_map(...))` over a one-axis mesh:
 parameters, optimizer state and the dataset are replicated global arrays, each step's batch indices are split
-along the mesh axis. Measured on this CPU (jax 0.10): `jax.pmap` of the same step, whose arrays carry a leading
-device axis, ran model1 at batch 32 at 680 img/s against 1,512 for this form (one device; 416 against 1,077 on two);
-model0 ran the same either way. `pmap` is itself `jit(shard_map)` in this JAX version, the leading axis is what costs.
+along the mesh axis. `pmap` is itself `jit(shard_map)` in current JAX, and the leading device axis of its arrays
+made model1 2.2x slower on the CPU (docs/performance.md).
 """
 from __future__ import annotations
 
@@ -19,14 +18,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from cifar_jax.backends import BackendDefaults, defaults_for
 from cifar_jax.config import check_positive_integer
 from cifar_jax.errors import ConfigError
 
 AXIS_NAME = "devices"  # the mesh axis that gradients and metrics are averaged over
-# At most this many programs queued ahead of the devices. With hundreds queued, XLA:CPU's in-process all-reduce
-# deadlocked on this 2-core machine with 2 devices (aborting after 40 s, within 500 steps of model1 at batch 32);
-# waiting every 10 steps ran 3,000 steps clean. Dispatch is far faster than a step, so the devices stay busy.
-MAX_QUEUED_PROGRAMS = 10
 
 
 def is_main_process() -> bool:
@@ -64,6 +60,28 @@ class DeviceSet:
     @property
     def num_local(self) -> int:
         return len(self.local)
+
+    @property
+    def platform(self) -> str:
+        """'cpu', 'gpu', 'tpu', ...: the backend every device of the run is on."""
+        return self.devices[0].platform
+
+    @property
+    def defaults(self) -> BackendDefaults:
+        return defaults_for(self.platform)
+
+    def wait_every_few_programs(self, programs_queued: int, latest: Any) -> None:
+        """For a loop that keeps only its newest output (donated state): every `max_queued_programs` programs, wait
+        for it, so no more than that run ahead of the devices."""
+        if programs_queued % self.defaults.max_queued_programs == 0:
+            jax.block_until_ready(latest)
+
+    def wait_if_queue_full(self, launched: Sequence[Any]) -> None:
+        """Call after queueing each program whose output (or a tuple holding it) is appended to `launched`: waits for
+        the one queued `max_queued_programs` ago, so no more than that run ahead of the devices."""
+        cap = self.defaults.max_queued_programs
+        if len(launched) > cap:
+            jax.block_until_ready(launched[-cap - 1])
 
     @functools.cached_property
     def mesh(self) -> Mesh:
@@ -125,17 +143,3 @@ def unreplicate(tree: Any) -> Any:
     """
     return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x),
                         tree)
-
-
-def wait_every_few_programs(programs_queued: int, latest: Any) -> None:
-    """For a loop that keeps only its newest output (donated state): every MAX_QUEUED_PROGRAMS programs, wait for
-    it, so no more than that run ahead of the devices."""
-    if programs_queued % MAX_QUEUED_PROGRAMS == 0:
-        jax.block_until_ready(latest)
-
-
-def wait_if_queue_full(launched: Sequence[Any]) -> None:
-    """Call after queueing each program whose output (or a tuple holding it) is appended to `launched`: waits
-    for the one queued MAX_QUEUED_PROGRAMS ago, so no more than that run ahead of the devices."""
-    if len(launched) > MAX_QUEUED_PROGRAMS:
-        jax.block_until_ready(launched[-MAX_QUEUED_PROGRAMS - 1])

@@ -12,27 +12,24 @@ is reported next to the good ones instead of stopping the job.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
-import math
 import operator
 import os
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
-import jax
 import numpy as np
 from flax import nnx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cifar_jax import checkpoint
-from cifar_jax.config import EVAL_BATCH_SIZE, is_whole_number
-from cifar_jax.data import CIFAR10_MEAN, CIFAR10_STD, normalize_images
+from cifar_jax.config import is_whole_number
+from cifar_jax.data import CIFAR10_MEAN, CIFAR10_STD
 from cifar_jax.errors import CheckpointError, InputError, first_line
-from cifar_jax.models import IMAGE_SHAPE
-from cifar_jax.parallel import DeviceSet, wait_if_queue_full
-from cifar_jax.train import abstract_model, abstract_params, inference_logits
+from cifar_jax.models import IMAGE_SHAPE, abstract_model, abstract_params
+from cifar_jax.parallel import DeviceSet
+from cifar_jax.steps import BatchedInference, check_batch_size
 
 MODEL_SIZE = (IMAGE_SHAPE[1], IMAGE_SHAPE[0])  # (width, height), PIL's order
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # found in folders
@@ -40,9 +37,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 MAX_IMAGE_PIXELS = 64_000_000
 # Antialiased: a large image shrunk to 32×32 keeps its average colours instead of aliasing.
 RESAMPLING = Image.Resampling.LANCZOS
-# Images per step (all devices together), as for evaluation (the same forward pass); padded, so any N uses the
-# same shape.
-DEFAULT_BATCH_SIZE = EVAL_BATCH_SIZE
 ERROR_MODES = ("raise", "skip")
 HALF_LEVEL = 0.5 / 255  # of a float pixel in [0, 1]
 _HIGH_BIT_DEPTH_GREY_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
@@ -342,23 +336,7 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
         yield chunk
 
 
-# ---------------------------------------------------------------- the model step
-
-
-def make_probabilities_step(graphdef: nnx.GraphDef, standardize: bool, tta_flip: bool = False) -> Callable:
-    """Class probabilities for one device's share of a batch of 32×32 uint8 images (normalised on the device);
-    with `tta_flip`, from the logits averaged with the mirror images', as the run's evaluation computed them."""
-
-    def probabilities_step(params: dict, images_nhwc_uint8: jax.Array) -> jax.Array:
-        logits = inference_logits(graphdef, params, normalize_images(images_nhwc_uint8, standardize), tta_flip)
-        return jax.nn.softmax(logits, axis=-1)
-
-    return probabilities_step
-
-
-def _check_batch_size(batch_size: Any) -> None:
-    if not is_whole_number(batch_size) or batch_size < 1:
-        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+# ---------------------------------------------------------------- the model
 
 
 def _check_errors_mode(errors: str) -> None:
@@ -377,27 +355,43 @@ def _check_normalization(normalization: dict, location: Any) -> None:
 
 
 class Predictor:
-    """A restored model ready for images of any kind and number, spread over all local devices."""
+    """A restored model ready for images of any kind and number, spread over all local devices.
+
+    `batch_size` images go to the devices per step (all devices together; unset: the backend's evaluation batch),
+    padded, so any number of images uses the same compiled step.
+    """
 
     def __init__(self, graphdef: nnx.GraphDef, params: dict, class_names: Sequence[str], standardize: bool,
-                 batch_size: int = DEFAULT_BATCH_SIZE, devices: Optional[DeviceSet] = None,
-                 metadata: Optional[dict] = None, step: Optional[int] = None, tta_flip: bool = False):
-        self.devices = devices or DeviceSet.select()
-        _check_batch_size(batch_size)
-        # A whole number per device; the batch size only changes speed, never results, so round up quietly.
-        self.batch_size = math.ceil(batch_size / self.devices.global_count) * self.devices.global_count
+                 batch_size: Optional[int] = None, devices: Optional[DeviceSet] = None,
+                 metadata: Optional[dict] = None, step: Optional[int] = None, tta_flip: bool = False,
+                 kernels: str = "auto"):
+        devices = devices or DeviceSet.select()
         self.class_names = tuple(class_names)
         self.metadata = metadata or {}
         self.step = step
-        self.trace_count = 0  # how often JAX traced (= compiled) the step; stays 1 whatever N the calls use
-        self._params = self.devices.replicate(params)
-        step_fn = make_probabilities_step(graphdef, standardize, tta_flip)
-        self._step = self.devices.data_parallel(self._counting_traces(step_fn), split_argnums=(1,), split_output=True)
+        self._inference = BatchedInference(graphdef, standardize, devices, batch_size, tta_flip, kernels,
+                                           probabilities=True)
+        self._params = devices.replicate(params)
+
+    @property
+    def batch_size(self) -> int:
+        return self._inference.batch_size
+
+    @property
+    def devices(self) -> DeviceSet:
+        return self._inference.devices
+
+    @property
+    def trace_count(self) -> int:
+        """How often JAX traced (= compiled) the step: stays 1 whatever number of images the calls pass."""
+        return self._inference.trace_count
 
     @classmethod
     def from_checkpoint(cls, workdir_or_checkpoint: Union[str, os.PathLike], step: Union[str, int] = "best",
-                        batch_size: int = DEFAULT_BATCH_SIZE, num_devices: Optional[int] = None) -> "Predictor":
+                        batch_size: Optional[int] = None, num_devices: Optional[int] = None) -> "Predictor":
         """The model of a run's checkpoint: `step` is 'best' (by test accuracy), 'latest' or a step number."""
+        if batch_size is not None:
+            check_batch_size(batch_size)
         restored = checkpoint.restore_for_inference(workdir_or_checkpoint, step, abstract_params)
         metadata = restored.metadata
         normalization = metadata["normalization"]
@@ -407,31 +401,6 @@ class Predictor:
                    batch_size=batch_size, devices=DeviceSet.select(num_devices), metadata=metadata,
                    step=restored.step, tta_flip=bool(metadata.get("config", {}).get("tta_flip")))
 
-    def _counting_traces(self, step: Callable) -> Callable:
-        @functools.wraps(step)
-        def traced_step(*args):
-            self.trace_count += 1  # Python runs here only while JAX traces, never inside the compiled step
-            return step(*args)
-
-        return traced_step
-
-    # ------------------------------------------------------------ device batches
-
-    def _launch(self, images_nhwc_uint8: np.ndarray) -> list[tuple[jax.Array, int]]:
-        """Queue every padded batch on the devices without waiting (JAX dispatch is asynchronous)."""
-        launched = []
-        for start in range(0, len(images_nhwc_uint8), self.batch_size):
-            batch = images_nhwc_uint8[start:start + self.batch_size]
-            padded = np.zeros((self.batch_size,) + IMAGE_SHAPE, np.uint8)
-            padded[:len(batch)] = batch
-            launched.append((self._step(self._params, self.devices.split(padded)), len(batch)))
-            wait_if_queue_full(launched)
-        return launched
-
-    def _gather(self, launched: list[tuple[jax.Array, int]]) -> np.ndarray:
-        rows = [self.devices.gather(out)[:count] for out, count in launched]
-        return np.concatenate(rows) if rows else np.empty((0, len(self.class_names)), np.float32)
-
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """(N, num_classes) float32 class probabilities of an array of images, read as `predict` reads one:
         (N,H,W,3) or (H,W,3), uint8 or float in [0, 1]; InputError for anything else. (N, 32, 32, 3) uint8, what
@@ -440,7 +409,7 @@ class Predictor:
             images, _, failures = array_to_model_images(images, "images")
             if failures:
                 raise failures[0][1]
-        return self._gather(self._launch(images))
+        return self._inference(self._params, images)
 
     # ------------------------------------------------------------ public entry points
 
@@ -477,7 +446,7 @@ class Predictor:
         """
         _check_errors_mode(errors)
         if batch_size is not None:
-            _check_batch_size(batch_size)
+            check_batch_size(batch_size)
         previous = None
         for chunk in _chunks(image_files(paths_or_directory), batch_size or self.batch_size):
             decoded = [(path, _read_or_error(path)) for path in chunk]
@@ -486,7 +455,7 @@ class Predictor:
             if first_bad is not None and errors == "raise":  # every file before it still gets its result
                 stop_with, decoded = decoded[first_bad][1], decoded[:first_bad]
             good = [image for _, image in decoded if not isinstance(image, InputError)]
-            launched = self._launch(np.stack(good)) if good else []
+            launched = self._inference.launch(self._params, np.stack(good)) if good else []
             if previous is not None:
                 yield from self._path_results(*previous)
             previous = (decoded, launched)
@@ -497,7 +466,7 @@ class Predictor:
             yield from self._path_results(*previous)
 
     def _path_results(self, decoded: list, launched: list) -> Iterator[ImagePrediction]:
-        probabilities = iter(self._gather(launched))
+        probabilities = iter(self._inference.gather(launched))
         for path, image in decoded:
             if isinstance(image, InputError):
                 yield ImagePrediction(str(path), self.class_names, error=str(image))

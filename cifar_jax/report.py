@@ -4,31 +4,20 @@ a one-page summary that reads well on GitHub (tables, and the plots embedded by 
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from cifar_jax import plots
+from cifar_jax import plots, rundir
 from cifar_jax.errors import InputError
 from cifar_jax.evaluate import EvaluationResult, dataset_for, evaluate_restored, restore_run
 from cifar_jax.models import count_params
 from cifar_jax.predict import Predictor, image_files, read_image_path
 
-PLOTS_SUBDIR = "plots"
-REPORT_FILE = "report.md"
 # One row of the new-images plot each; more would make a figure too tall to read.
 MAX_PLOTTED_PHOTOS = 24
-PLOT_FILES = {  # plot name → file under WORKDIR/plots/
-    "training_curves": "training_curves.png",
-    "confusion_matrix": "confusion_matrix.png",
-    "confusion_matrix_normalized": "confusion_matrix_normalized.png",
-    "test_predictions": "test_predictions.png",
-    "confused_pairs": "confused_pairs.png",
-    "image_predictions": "image_predictions.png",
-}
 
 
 @dataclasses.dataclass
@@ -48,24 +37,6 @@ class RunReport:
 
 
 # ---------------------------------------------------------------- inputs
-
-
-def read_history(workdir: str | Path, metadata: dict) -> list[dict]:
-    """Per-epoch metrics of the whole run (WORKDIR/metrics.jsonl), else the history saved in the checkpoint."""
-    path = Path(workdir) / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    history = []
-    for number, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError:
-            row = "not JSON"
-        if row is not None and not isinstance(row, dict):
-            raise InputError(f"{path} line {number} is not a metrics row: move the file away to plot the history "
-                             "saved in the checkpoint instead")
-        if row is not None:
-            history.append(row)
-    return history or list(metadata.get("history") or [])
 
 
 def predict_photos(workdir: Path, step: int, paths: Sequence[str | Path],
@@ -99,7 +70,7 @@ def predict_photos(workdir: Path, step: int, paths: Sequence[str | Path],
 def draw_plots(plots_dir: Path, history: list[dict], result: EvaluationResult, test_images_nhwc_uint8: np.ndarray,
                marked_epoch: Optional[int] = None, photos: Optional[PhotoPredictions] = None) -> dict[str, Path]:
     """Every plot of a run, as {plot name: PNG path}."""
-    path = {name: plots_dir / file for name, file in PLOT_FILES.items()}
+    path = {name: plots_dir / file for name, file in rundir.PLOT_FILES.items()}
     names, labels, predictions = result.class_names, result.labels, result.predictions
     drawn = {
         "training_curves": plots.plot_training_curves(history, path["training_curves"], marked_epoch),
@@ -207,9 +178,9 @@ def report_run(workdir: str | Path, step: str | int = "best", image_paths: Seque
     metadata = restored.metadata
     dataset = dataset_for(metadata, data_dir, data)
     result = evaluate_restored(restored, dataset, num_devices)
-    history = read_history(workdir, metadata)
+    history = rundir.read_history(workdir, metadata.get("history") or [])
     photos = predict_photos(workdir, restored.step, image_paths, num_devices) if image_paths else None
-    plot_paths = draw_plots(workdir / PLOTS_SUBDIR, history, result, dataset.test_images, metadata.get("epoch"), photos)
-    report = workdir / REPORT_FILE
+    plot_paths = draw_plots(workdir / rundir.PLOTS_SUBDIR, history, result, dataset.test_images, metadata.get("epoch"), photos)
+    report = workdir / rundir.REPORT_FILE
     report.write_text(report_markdown(workdir, metadata, result, history, plot_paths) + "\n")
     return RunReport(report, plot_paths, result)

@@ -15,7 +15,7 @@ import pytest
 
 from cifar_jax import TrainConfig, checkpoint, train
 from cifar_jax.errors import CheckpointError, ConfigError, TrainingDivergedError
-from cifar_jax.train import abstract_params
+from cifar_jax.models import abstract_params
 from learnable import class_coloured_dataset
 
 train_module = importlib.import_module("cifar_jax.train")

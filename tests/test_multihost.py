@@ -19,8 +19,9 @@ import pytest
 from cifar_jax import TrainConfig, checkpoint, cli, distributed, train
 from cifar_jax.distributed import DistributedSettings
 from cifar_jax.errors import ConfigError
+from cifar_jax.flags import given_fields
 from cifar_jax.parallel import DeviceSet
-from cifar_jax.train import abstract_params
+from cifar_jax.models import abstract_params
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 150  # seconds any one subprocess may take before the test fails instead of hanging CI
@@ -204,7 +205,7 @@ def test_invalid_settings_are_refused_in_one_line(flags, environ, message):
 
 def test_the_process_settings_stay_out_of_the_run_config():
     args = parsed("--workdir", "w", "--num-processes", "2", "--process-id", "1", "--coordinator-address", "h:1")
-    assert set(cli.config_overrides(args, TrainConfig)) == {"workdir"}
+    assert set(given_fields(args, TrainConfig)) == {"workdir"}
 
 
 def test_without_a_cluster_the_process_stays_single():

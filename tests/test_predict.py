@@ -14,7 +14,8 @@ from cifar_jax import TrainConfig, cli
 from cifar_jax.data import CLASS_NAMES
 from cifar_jax.errors import InputError
 from cifar_jax.predict import Predictor, image_files
-from cifar_jax.train import apply_model, init_params
+from cifar_jax.models import init_params
+from cifar_jax.steps import apply_model
 from learnable import class_coloured_dataset, class_coloured_images
 
 # `cifar_jax.train` the attribute is the train() function; the module itself is reached this way.

@@ -13,7 +13,7 @@ import pytest
 
 from cifar_fixtures import write_binary_archive
 from cifar_jax import checkpoint
-from cifar_jax.train import abstract_params
+from cifar_jax.models import abstract_params
 from learnable import class_coloured_dataset
 
 TIMEOUT = 120

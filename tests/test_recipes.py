@@ -13,7 +13,8 @@ import pytest
 from cifar_jax import TrainConfig, train
 from cifar_jax.augment import (Augmentation, augment_batch, augmentation_for, crop_with_padding, cut_out,
                                example_keys, flip_left_right)
-from cifar_jax.cli import build_parser, config_overrides
+from cifar_jax.cli import build_parser
+from cifar_jax.flags import given_fields
 from cifar_jax.config import RECIPES, conflicting_fields
 from cifar_jax.errors import ConfigError
 from cifar_jax.evaluate import model_logits
@@ -22,8 +23,9 @@ from cifar_jax.optim import create_optimizer, learning_rate_schedule, steps_per_
 from cifar_jax import parallel
 from cifar_jax.parallel import DeviceSet
 from cifar_jax.predict import Predictor
-from cifar_jax.train import (Evaluator, TrainState, apply_model, build_train_step, cross_entropy_loss,
-                             empty_running_metrics, init_params)
+from cifar_jax.models import init_params
+from cifar_jax.steps import (BatchedInference, TrainState, apply_model, build_train_step, cross_entropy_loss,
+                             empty_running_metrics)
 from learnable import class_coloured_dataset
 from stop_signals import StopAfterSteps
 
@@ -210,8 +212,8 @@ def test_flip_tta_averages_the_logits_of_each_image_and_its_mirror():
     images = photo_batch(10)
     graphdef, params = init_params("model0", seed=1)
     devices = DeviceSet.select(4)
-    evaluator = Evaluator(graphdef, standardize=False, global_batch=8, devices=devices, tta_flip=True)
-    logits = evaluator.logits(devices.replicate(params), devices.replicate(images), len(images))
+    inference = BatchedInference(graphdef, standardize=False, devices=devices, batch_size=8, tta_flip=True)
+    logits = inference(devices.replicate(params), images)
     pixels = images.astype(np.float32) / 255
     expected = (apply_model(graphdef, params, pixels) + apply_model(graphdef, params, pixels[:, :, ::-1])) / 2
     np.testing.assert_allclose(logits, expected, atol=1e-5)
@@ -244,7 +246,7 @@ def test_recipe_fields_are_cli_flags():
     args = build_parser().parse_args(["train", "--recipe", "tuned", "--lr-schedule", "onecycle", "--warmup-epochs",
                                       "2.5", "--no-augment", "--tta-flip", "--label-smoothing", "0.1", "--cutout", "0",
                                       "--grad-clip-norm", "1", "--weight-decay", "0.01", "--pad-mode", "zero"])
-    assert config_overrides(args, TrainConfig) == {
+    assert given_fields(args, TrainConfig) == {
         "recipe": "tuned", "lr_schedule": "onecycle", "warmup_epochs": 2.5, "augment": False, "tta_flip": True,
         "label_smoothing": 0.1, "cutout": 0, "grad_clip_norm": 1.0, "weight_decay": 0.01, "pad_mode": "zero"}
 

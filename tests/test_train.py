@@ -13,18 +13,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cifar_jax import TrainConfig, train, xla_flags
+from cifar_jax import TrainConfig, train
+from cifar_jax import rundir
 from cifar_jax.errors import ConfigError, DataError, TrainingDivergedError
-from cifar_jax.parallel import MAX_QUEUED_PROGRAMS, DeviceSet, wait_if_queue_full
-from cifar_jax.train import Evaluator, all_finite, epoch_order, init_params, apply_model, padded_eval_batches
+from cifar_jax.steps import all_finite
+from cifar_jax.train import epoch_order
 from learnable import class_coloured_dataset
 from stop_signals import StopAfterSteps
 
 # `cifar_jax.train` the attribute is the train() function; the module itself is reached this way.
 train_module = importlib.import_module("cifar_jax.train")
 
-METRIC_KEYS = {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "epoch_seconds",
-               "images_per_second"}
+METRIC_KEYS = {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "learning_rate",
+               "epoch_seconds", "images_per_second"}
 
 
 @pytest.fixture
@@ -75,45 +76,6 @@ def test_four_devices_give_the_same_parameters_as_one(tmp_path, learnable_data):
     assert np.max(np.abs(flat(one.params) - flat(four.params))) <= 1e-5
     assert one.history[0]["train_loss"] == pytest.approx(four.history[0]["train_loss"], abs=1e-5)
     assert one.history[0]["test_accuracy"] == four.history[0]["test_accuracy"]
-
-
-@pytest.mark.parametrize("num_devices, eval_batch", [(1, 7), (4, 8), (4, 1000)])
-def test_evaluation_covers_every_test_image_exactly_once(num_devices, eval_batch):
-    dataset = class_coloured_dataset(num_train=8, num_test=37)
-    graphdef, params = init_params("model0", seed=3)
-    devices = DeviceSet.select(num_devices)
-    evaluator = Evaluator(graphdef, standardize=False, global_batch=eval_batch, devices=devices)
-    logits = evaluator.logits(devices.replicate(params), devices.replicate(dataset.test_images), 37)
-    expected = apply_model(graphdef, params, dataset.test_images.astype(np.float32) / 255)
-    assert logits.shape == (37, 10)
-    np.testing.assert_allclose(logits, expected, atol=1e-5)
-
-
-def test_no_more_than_the_limit_of_programs_is_queued_ahead():
-    """Hundreds of queued programs deadlocked XLA:CPU's in-process all-reduce; the loops wait as they queue."""
-    waited = []
-
-    class QueuedOutput:
-        def __init__(self, number):
-            self.number = number
-
-        def block_until_ready(self):
-            waited.append(self.number)
-            return self
-
-    launched = []
-    for number in range(MAX_QUEUED_PROGRAMS + 5):
-        launched.append((QueuedOutput(number), "mask"))
-        wait_if_queue_full(launched)
-        assert number - (waited[-1] if waited else -1) <= MAX_QUEUED_PROGRAMS
-    assert waited == list(range(5))
-
-
-def test_padded_eval_batches_mask_only_the_padding():
-    batches = padded_eval_batches(10, 4)
-    indices = np.concatenate([i[m] for i, m in batches])
-    np.testing.assert_array_equal(indices, np.arange(10))
-    assert [int(m.sum()) for _, m in batches] == [4, 4, 2]
 
 
 def test_epoch_order_is_a_reproducible_permutation_that_changes_per_epoch():
@@ -229,7 +191,7 @@ def test_divergence_stops_mid_epoch_without_a_progress_bar(tmp_path, learnable_d
         return lambda *step_args: steps_run.append(1) or step(*step_args)
 
     monkeypatch.setattr(train_module, "build_train_step", counting_build)
-    monkeypatch.setattr(train_module, "PROGRESS_REFRESH_STEPS", 2)
+    monkeypatch.setattr(train_module, "PROGRESS_STEPS", 2)
     with pytest.raises(TrainingDivergedError, match=r"NaN/Inf in epoch 1"):
         train(quick_config(tmp_path, learning_rate=1e12, optimizer="sgd", progress=False))
     assert len(steps_run) < 16  # an epoch is 16 steps
@@ -341,7 +303,7 @@ def test_a_run_over_several_processes_needs_a_workdir(tmp_path, monkeypatch):
 def test_a_second_run_into_a_folder_in_use_is_refused_and_writes_nothing(tmp_path, learnable_data):
     train(quick_config(tmp_path, epochs=1))
     before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
-    with train_module.exclusive_use(tmp_path / "run"):  # as a run training there now holds it
+    with rundir.exclusive_use(tmp_path / "run"):  # as a run training there now holds it
         with pytest.raises(ConfigError, match=f"{tmp_path / 'run'} is in use by another training run: wait for it"):
             train(quick_config(tmp_path, epochs=2))
     assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
@@ -383,24 +345,3 @@ def test_model2_preset_is_sgd_at_0_01():
     config = TrainConfig(model="model2").resolved()
     assert (config.optimizer, config.learning_rate) == ("sgd", 0.01)
     assert dataclasses.replace(TrainConfig(model="model2"), learning_rate=0.1).resolved().learning_rate == 0.1
-
-
-def test_xla_cpu_defaults_are_added_unless_the_user_set_them(monkeypatch):
-    ynn = "--xla_cpu_experimental_ynn_fusion_type="
-    assert xla_flags.with_cpu_defaults("", jaxlib_version="0.10.2") == ynn + "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
-    assert xla_flags.with_cpu_defaults("--xla_force_host_platform_device_count=4", jaxlib_version="0.10.2") == (
-        "--xla_force_host_platform_device_count=4 " + ynn + "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT")
-    assert xla_flags.with_cpu_defaults(ynn + "LIBRARY_FUSION_TYPE_DOT", jaxlib_version="0.10.2") == ynn + "LIBRARY_FUSION_TYPE_DOT"
-    # XLA aborts on flags it does not know: another jaxlib series gets none.
-    assert xla_flags.with_cpu_defaults("--xla_force_host_platform_device_count=4", jaxlib_version="0.11.0") == (
-        "--xla_force_host_platform_device_count=4")
-    # Without jaxlib nothing is added: importing JAX then says what is missing.
-    def not_installed(name):
-        raise xla_flags.metadata.PackageNotFoundError(name)
-
-    monkeypatch.setattr(xla_flags.metadata, "version", not_installed)
-    assert xla_flags.with_cpu_defaults("--xla_force_host_platform_device_count=4") == (
-        "--xla_force_host_platform_device_count=4")
-    monkeypatch.undo()
-    # Importing cifar_jax already added whatever applies to the installed jaxlib.
-    assert xla_flags.with_cpu_defaults(os.environ["XLA_FLAGS"]) == os.environ["XLA_FLAGS"]
