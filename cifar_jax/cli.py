@@ -75,7 +75,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from cifar_jax.evaluate import evaluate, format_result
 
-    announce_backend()
+    announce_backend(sys.stderr if args.json else sys.stdout)  # --json: stdout holds the object alone
     result = evaluate(args.workdir, args.step, num_devices=args.num_devices, data_dir=args.data_dir, data=args.data)
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_result(result))
     return 0
@@ -99,7 +99,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     if args.top_k < 1:
         raise InputError(f"--top-k must be at least 1, got {args.top_k}")
-    announce_backend(sys.stderr if args.json else sys.stdout)  # --json keeps stdout to one object per line
+    announce_backend(sys.stderr)  # stdout holds one result per file, nothing else
     predictor = Predictor.from_checkpoint(args.workdir, args.step, batch_size=args.batch_size,
                                           num_devices=args.num_devices)
     failed = 0
@@ -120,7 +120,7 @@ def _benchmark(args: argparse.Namespace) -> int:
     from cifar_jax.benchmark import BenchmarkSettings, format_benchmark, run_benchmark
     from cifar_jax.config import TrainConfig
 
-    announce_backend()
+    announce_backend(sys.stderr if args.json else sys.stdout)
     config = TrainConfig(**{**given_fields(args, TrainConfig), "progress": False})
     settings = BenchmarkSettings(epochs=args.timed_epochs, windows=args.windows, max_steps=args.max_steps)
     result = run_benchmark(config, settings)
@@ -273,8 +273,8 @@ def compilation_cache_dir(environ: typing.Mapping[str, str] = os.environ) -> Opt
 
 
 def enable_compilation_cache() -> None:
-    """A later start skips compiling what an earlier one compiled: model0's first training step came 2.5-2.7 s after
-    the run started instead of 6.5 s (real CIFAR-10, this 2-core CPU), most of it the eager parameter init."""
+    """A later start skips compiling what an earlier one compiled (model0's first step came 2.5x sooner on the CPU,
+    docs/performance.md)."""
     cache_dir = compilation_cache_dir()
     if cache_dir is None:
         return

@@ -123,8 +123,8 @@ class DeviceSet:
         `split_output`, each device's rows of a row-split result.
         """
         if self.global_count == 1:
-            # Nothing to split: vmap over an axis of size 1 binds AXIS_NAME (collectives become identities), which
-            # ran model0 at batch 128 12 % faster than a one-device shard_map here (5,510 against 4,828 img/s).
+            # Nothing to split: vmap over an axis of size 1 binds AXIS_NAME (collectives become identities), faster
+            # than a one-device shard_map on the CPU (docs/performance.md).
             single = jax.vmap(step, in_axes=None, out_axes=None, axis_size=1, axis_name=AXIS_NAME)
             return jax.jit(single, donate_argnums=donate_argnums)
         num_args = len(inspect.signature(step).parameters)

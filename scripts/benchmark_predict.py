@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from cifar_jax import TrainConfig, train
-from cifar_jax.predict import DEFAULT_BATCH_SIZE, Predictor
+from cifar_jax.predict import Predictor
 
 
 def throwaway_run(folder: Path) -> Path:
@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--num-arrays", type=int, default=10_000, help="images in the array benchmark")
     parser.add_argument("--num-files", type=int, default=2_000, help="files in the folder benchmark")
     parser.add_argument("--file-sizes", type=int, nargs="+", default=[32, 256], help="side of the files, pixels")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    parser.add_argument("--batch-size", type=int, default=None, help="images per step (default: the backend's)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 

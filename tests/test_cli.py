@@ -16,7 +16,7 @@ import pytest
 
 from cifar_jax import cli
 
-METRIC_KEYS = {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "epoch_seconds",
+METRIC_KEYS = {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "learning_rate", "epoch_seconds",
                "images_per_second"}
 
 
@@ -32,6 +32,7 @@ def test_train_on_a_tiny_archive_writes_sane_metrics_and_curves(learnable_data_d
                    "--data-dir", str(learnable_data_dir), "--workdir", str(workdir), "--seed", "0", "--no-progress",
                    XDG_CACHE_HOME=str(tmp_path / "cache"))
     assert done.returncode == 0, done.stderr
+    assert re.fullmatch(r"backend: cpu, \d+ device\(s\)", done.stdout.splitlines()[0])  # said first
     # Compiled programs are kept for the next start (the train step among them, and the small eager ones).
     assert len(list((tmp_path / "cache" / "cifar-jax" / "xla-compilation-cache").iterdir())) >= 3
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -154,9 +155,9 @@ def test_abandoned_async_reads_failing_later_are_not_logged_but_other_asyncio_er
     assert [record.getMessage() for record in caplog.records] == ["an asyncio error of another kind"]
 
 FAILING_SAVE = """
-import importlib, sys
-train_module = importlib.import_module("cifar_jax.train")
-train_module.check_workdir = lambda config: None  # let the file below stand in the way
+import sys
+from cifar_jax import rundir
+rundir.check_workdir = lambda config: None  # let the file below stand in the way
 from cifar_jax import cli
 sys.exit(cli.main(sys.argv[1:]))
 """

@@ -12,7 +12,8 @@ from cifar_jax import report as report_module
 from cifar_jax.data import CLASS_NAMES
 from cifar_jax.evaluate import confusion_matrix, evaluate
 from cifar_jax.errors import InputError
-from cifar_jax.report import PLOT_FILES, predict_photos, read_history, report_markdown
+from cifar_jax.report import predict_photos, report_markdown
+from cifar_jax.rundir import PLOT_FILES
 from learnable import class_coloured_dataset
 from test_evaluate import NUM_TEST
 
@@ -174,14 +175,3 @@ def test_report_on_synthetic_data_says_the_numbers_are_not_cifar10(trained_run):
     metadata = {"model": "model0", "epoch": 2, "config": {"epochs": 2}}
     markdown = report_markdown(trained_run.workdir, metadata, result, trained_run.history, {})
     assert "not CIFAR-10" in markdown.split("##")[0]  # said at the top, before any section
-
-
-def test_history_comes_from_metrics_jsonl_else_the_checkpoint(trained_run, tmp_path):
-    assert read_history(trained_run.workdir, {}) == trained_run.history
-    assert read_history(tmp_path, {"history": HISTORY}) == HISTORY
-
-
-def test_a_garbled_metrics_file_is_one_clear_error(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2, "train_lo\n')
-    with pytest.raises(InputError, match=r"metrics.jsonl line 2 is not a metrics row: move the file away"):
-        read_history(tmp_path, {"history": HISTORY})
