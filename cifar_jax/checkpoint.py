@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from cifar_jax import distributed, parallel, rundir
-from cifar_jax.config import is_whole_number
+from cifar_jax.config import TrainConfig, is_whole_number
 from cifar_jax.errors import CheckpointError, CheckpointSaveError, CifarJaxError, first_line
 
 BEST_METRIC = "test_accuracy"
@@ -179,7 +179,7 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_params: An
     restored = manager.restore(step, args=ocp.args.Composite(**items))
     params = jax.tree.map(np.asarray, restored["params"])
     _check_finite(params, step)
-    return Restored(step, params, restored.get("train_state"), dict(restored["metadata"]))
+    return Restored(step, params, restored.get("train_state"), checked_metadata(restored["metadata"]))
 
 
 def _check_finite(params: Any, step: int) -> None:
@@ -189,7 +189,33 @@ def _check_finite(params: Any, step: int) -> None:
 
 def read_metadata(manager: ocp.CheckpointManager, step: int) -> dict:
     restored = manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
-    return dict(restored["metadata"])
+    return checked_metadata(restored["metadata"])
+
+
+class MalformedMetadata(ValueError):
+    """A checkpoint's record parses but is not one this package wrote: the checkpoint counts as unreadable."""
+
+
+_METADATA_TYPES = {"model": str, "config": dict, "class_names": list, "normalization": dict, "epoch": int,
+                   "step_in_epoch": int, "history": list}
+
+
+def checked_metadata(metadata: Any) -> dict:
+    """A checkpoint's record with every field evaluate, predict and resuming read, of the right type."""
+    if not isinstance(metadata, dict):
+        raise MalformedMetadata(f"its record is a {type(metadata).__name__}, not an object")
+    for key, kind in _METADATA_TYPES.items():
+        value = metadata.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise MalformedMetadata(f"its record's {key!r} is {'missing' if key not in metadata else repr(value)[:60]}")
+    if not all(isinstance(row, dict) for row in metadata["history"]) or not isinstance(
+            metadata["normalization"].get("standardize"), bool) or len(metadata["class_names"]) < 2:
+        raise MalformedMetadata("its record's history, normalization or class names are malformed")
+    try:
+        TrainConfig.from_dict(metadata["config"]).resolved()
+    except CifarJaxError as error:
+        raise MalformedMetadata(f"its record's config is not valid ({error})") from None
+    return dict(metadata)
 
 
 def resolve_step(manager: ocp.CheckpointManager, step: str | int) -> int:

@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import inspect
 import logging
 import os
+import signal
 import sys
+import threading
 import typing
 import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-from cifar_jax.errors import CifarJaxError
+from cifar_jax.errors import CifarJaxError, first_line
 from cifar_jax.flags import add_dataclass_flags, given_fields
 
 
@@ -37,9 +40,18 @@ def _train(args: argparse.Namespace) -> int:
         # A run started on some local devices resumes on every device of every process (the same computation).
         base = dataclasses.replace(base, num_devices=None)
     result = distributed.exiting_at_once_on_stuck_threads(lambda: train(dataclasses.replace(base, **overrides)))
-    if not result.interrupted and is_main_process():
-        print(f"run finished: {result.workdir}")
+    if result.interrupted:  # saved; non-zero so that `cifar-jax train ... && next-step` stops here
+        return interrupted_status(result.stopped_by)
+    if is_main_process():
+        print(f"run finished: {result.workdir}" + (f" (stopped early: {result.stopped_by})" if result.stopped_by else ""))
     return 0
+
+
+def interrupted_status(signal_name: Optional[str]) -> int:
+    """128 + the signal's number, as shells report a command a signal ended: 130 for SIGINT, 143 for SIGTERM."""
+    import signal
+
+    return 128 + (signal.SIGINT if signal_name == "SIGINT" else signal.SIGTERM)
 
 
 def announce_backend(stream: Optional[typing.TextIO] = None) -> None:
@@ -163,13 +175,13 @@ def _compare(args: argparse.Namespace) -> int:
     print(f"{len(rows)} run{'s' * (len(rows) != 1)}: "
           + ", ".join(f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses)))
     print(f"results: {Path(out or base.workdir) / RESULTS_MD}")
-    if INTERRUPTED in statuses:
-        print("interrupted runs saved a checkpoint: run the same command again to resume them")
     if FAILED in statuses:
         print(f"cifar-jax: error: {statuses.count(FAILED)} of {len(rows)} runs failed: each one's error is above and "
               f"in the status column of {Path(out or base.workdir) / RESULTS_MD}", file=sys.stderr)
-        return 1
-    return 0
+    if INTERRUPTED in statuses:
+        print("interrupted runs saved a checkpoint: run the same command again to resume them")
+        return interrupted_status(None)
+    return 1 if FAILED in statuses else 0
 
 
 def _add_compare_parser(commands) -> None:
@@ -195,7 +207,13 @@ def _add_compare_parser(commands) -> None:
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
-    """A bad flag gives one line pointing at --help, not the whole usage text (subcommands inherit this class)."""
+    """A bad flag gives one line pointing at --help, not the whole usage text (subcommands inherit this class).
+
+    No abbreviations: argparse would silently read `--lr 0.01` as `--lr-schedule 0.01`; an unknown flag is refused
+    with the flags it may have meant instead."""
+
+    def __init__(self, *args, allow_abbrev: bool = False, **kwargs):
+        super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"cifar-jax: error: {message} (see {self.prog} --help)\n")
@@ -206,8 +224,19 @@ class OneLineErrorParser(argparse.ArgumentParser):
         parsed, unknown = self.parse_known_args(args, namespace)
         if unknown:
             subcommand = getattr(self, "subcommands", {}).get(getattr(parsed, "command", None), self)
-            subcommand.error(f"unrecognized arguments: {' '.join(unknown)}")
+            meant = [option for flag in unknown if flag.startswith("--") for option in subcommand.meant(flag)]
+            hint = f"; did you mean {' or '.join(dict.fromkeys(meant))}?" if meant else ""
+            subcommand.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
         return parsed
+
+    def meant(self, flag: str) -> list[str]:
+        """Flags an unknown one may stand for: those it abbreviates by initials or by prefix, or spells nearly."""
+        typed = flag.split("=", 1)[0]
+        options = [option for action in self._actions for option in action.option_strings
+                   if option.startswith("--") and option != "--help"]
+        initials = [o for o in options if "".join(word[0] for word in o[2:].split("-")) == typed[2:]]
+        prefixed = [o for o in options if o.startswith(typed) and o != typed]
+        return list(dict.fromkeys(initials + prefixed + difflib.get_close_matches(typed, options, n=2)))[:3]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = OneLineErrorParser(prog="cifar-jax", description="Train, compare, checkpoint and serve small "
                                 "CIFAR-10 classifiers with JAX/Flax on CPU, GPU or TPU.")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of an unexpected error instead of one line (also {DEBUG_ENV}=1)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train_parser = commands.add_parser("train", help="train or resume a model",
@@ -319,14 +350,19 @@ def speak_in_one_line_per_problem() -> None:
     logging.getLogger("asyncio").addFilter(not_an_abandoned_task_error)
 
 
+DEBUG_ENV = "CIFAR_JAX_DEBUG"  # set (to anything but 0) for a traceback instead of the one-line report of a bug
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    args.argv = argv  # what a multi-process run's supervisor hands on to its worker
-    if getattr(args, "cache_compilations", True):
-        enable_compilation_cache()
-    speak_in_one_line_per_problem()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # imports done: Ctrl-C raises KeyboardInterrupt again
     try:
+        args = build_parser().parse_args(argv)
+        args.argv = argv  # what a multi-process run's supervisor hands on to its worker
+        if getattr(args, "cache_compilations", True):
+            enable_compilation_cache()
+        speak_in_one_line_per_problem()
         return args.handler(args)
     except CifarJaxError as error:
         print(f"cifar-jax: error: {error}", file=sys.stderr)
@@ -334,6 +370,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:  # outside training (which saves and exits cleanly): nothing to save, no traceback
         print("cifar-jax: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # the last line of defence: a bug, said in one line, its traceback kept in a file
+        if "--debug" in argv or os.environ.get(DEBUG_ENV, "0") not in ("", "0"):
+            raise
+        print(f"cifar-jax: error: {report_bug(error)}", file=sys.stderr)
+        return 1
+
+
+def report_bug(error: Exception) -> str:
+    """Write the traceback of an error the package did not foresee to a log file; the line that says so."""
+    import tempfile
+    import time
+    import traceback
+
+    log = Path(tempfile.gettempdir()) / f"cifar-jax-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    try:
+        log.write_text("".join(traceback.format_exception(error)))
+        where = f"its traceback is in {log}"
+    except OSError:
+        where = "run again with --debug for its traceback"
+    return (f"unexpected {first_line(error)}. This is a bug in cifar-jax, not in what you asked for: please report "
+            f"it; {where} (--debug or {DEBUG_ENV}=1 shows it here)")
 
 
 if __name__ == "__main__":

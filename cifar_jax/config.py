@@ -51,6 +51,12 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
 # Unset after the recipe: warm-up as a fraction of the epochs (one-cycle's rising phase: optax's 30%), and
 # weight decay as optax's own default for adamw (1e-4), none otherwise.
 DEFAULT_WARMUP_FRACTION = {"constant": 0.0, "cosine": 0.0, "onecycle": 0.3}
+# Upper bounds of values a run could not use: JAX's keys keep 32 bits of a seed (2**32 would repeat seed 0), the
+# step counter is int32, and an evaluation batch beyond this only exhausts memory.
+MAX_SEED = 2**32 - 1
+MAX_EPOCHS = 1_000_000
+MAX_TOTAL_STEPS = 2**31 - 1
+MAX_EVAL_BATCH_SIZE = 65_536
 DEFAULT_WEIGHT_DECAY = {"adamw": 1e-4}
 
 
@@ -132,25 +138,27 @@ class TrainConfig:
     def _with_fallback_defaults(self) -> "TrainConfig":
         """Warm-up and weight decay that neither the flags nor the recipe set take their per-schedule/optimizer default."""
         warmup, decay = self.warmup_epochs, self.weight_decay
-        if warmup is None and self.lr_schedule in DEFAULT_WARMUP_FRACTION and isinstance(self.epochs, int):
-            warmup = DEFAULT_WARMUP_FRACTION[self.lr_schedule] * self.epochs
+        schedule, optimizer = (value if isinstance(value, str) else None for value in (self.lr_schedule, self.optimizer))
+        if warmup is None and schedule in DEFAULT_WARMUP_FRACTION and isinstance(self.epochs, int):
+            warmup = DEFAULT_WARMUP_FRACTION[schedule] * self.epochs
         if decay is None:
-            decay = DEFAULT_WEIGHT_DECAY.get(self.optimizer, 0.0)
+            decay = DEFAULT_WEIGHT_DECAY.get(optimizer, 0.0)
         return dataclasses.replace(self, warmup_epochs=warmup, weight_decay=decay)
 
     def validate(self) -> None:
         positive_ints = ("epochs", "batch_size", "checkpoint_every", "keep_checkpoints")
         for name in positive_ints:
             check_positive_integer(name, getattr(self, name))
+        check_positive_integer("epochs", self.epochs, MAX_EPOCHS)
         if self.eval_batch_size is not None:
-            check_positive_integer("eval_batch_size", self.eval_batch_size)
+            check_positive_integer("eval_batch_size", self.eval_batch_size, MAX_EVAL_BATCH_SIZE)
         for name in ("workdir", "data_dir"):
             if not isinstance(getattr(self, name), (str, os.PathLike, type(None))):
                 raise ConfigError(f"{name} must be a folder path, got {getattr(self, name)!r}")
         if self.num_devices is not None:
             check_positive_integer("num_devices", self.num_devices)
-        if not is_whole_number(self.seed) or self.seed < 0:
-            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not is_whole_number(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed must be an integer from 0 to {MAX_SEED:,}, got {self.seed!r}")
         rate = self.learning_rate
         if rate is not None and not (_is_number(rate) and rate > 0):
             raise ConfigError(f"learning_rate must be a positive number, got {rate!r}")
@@ -254,9 +262,11 @@ def is_whole_number(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def check_positive_integer(name: str, value: Any) -> None:
+def check_positive_integer(name: str, value: Any, maximum: Optional[int] = None) -> None:
     if not is_whole_number(value) or value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name} must be at most {maximum:,}, got {value:,}")
 
 
 # Fields that define what a run computes: resuming with a different value would silently mix two runs.

@@ -148,7 +148,13 @@ def _planes_to_nhwc(rows: np.ndarray) -> np.ndarray:
 
 
 def _checked_labels(labels, where: str) -> np.ndarray:
-    labels = np.asarray(labels)
+    try:
+        labels = np.asarray(labels)
+    except ValueError:  # ragged nested lists
+        labels = np.asarray([None])
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{where} holds labels that are not class ids (numbers 0-9): the file is corrupt or not "
+                        "CIFAR-10; replace it with a fresh copy")
     out_of_range = labels[(labels < 0) | (labels >= len(CLASS_NAMES))]
     if out_of_range.size:
         raise DataError(f"{where} holds label {out_of_range[0]}, but CIFAR-10 labels are 0-9: "
@@ -287,6 +293,11 @@ def _load_archive(path: Path, archive_format: _ArchiveFormat, hand_placed: bool 
         _check_equal_batches(path, archive_format, {name: len(labels) for name, (_, labels) in zip(names, batches)})
         arrays[split] = (np.concatenate([images for images, _ in batches]),
                          np.concatenate([labels for _, labels in batches]))
+    for split, (_, labels) in arrays.items():
+        if not len(labels):
+            raise DataError(f"{path} holds no {split} images (its {', '.join(split_members[split])} "
+                            f"{'is' if split == 'test' else 'are'} empty): replace it with a fresh copy of "
+                            f"{archive_format.archive_name}")
     return Cifar10(*arrays["train"], *arrays["test"], class_names=CLASS_NAMES, source=f"archive:{path}")
 
 

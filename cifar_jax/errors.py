@@ -22,6 +22,10 @@ class CheckpointSaveError(CheckpointError):
     """A checkpoint could not be written. Orbax's writer threads are left waiting on it: the process must exit at once."""
 
 
+class RunFolderError(CifarJaxError):
+    """A file of the run folder (metrics, plots, report) could not be written."""
+
+
 class TrainingDivergedError(CifarJaxError):
     """Loss or gradients became NaN/Inf."""
 

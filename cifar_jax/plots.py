@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from cifar_jax.evaluate import confusion_matrix, most_confused_pairs
+from cifar_jax.rundir import raise_unwritable
 
 DPI = 110
 TRAIN_COLOUR = "tab:blue"
@@ -34,8 +35,11 @@ def new_figure(width_inches: float, height_inches: float) -> Figure:
 
 def save_figure(figure: Figure, out_path: str | Path) -> Path:
     path = Path(out_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png", facecolor="white")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, format="png", facecolor="white")
+    except OSError as error:  # a full disk, no permission
+        raise_unwritable(path, error)
     return path
 
 

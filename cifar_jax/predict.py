@@ -26,7 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from cifar_jax import checkpoint
 from cifar_jax.config import is_whole_number
 from cifar_jax.data import CIFAR10_MEAN, CIFAR10_STD
-from cifar_jax.errors import CheckpointError, InputError, first_line
+from cifar_jax.errors import CheckpointError, InputError, first_line, one_line
 from cifar_jax.models import IMAGE_SHAPE, abstract_model, abstract_params
 from cifar_jax.parallel import DeviceSet
 from cifar_jax.steps import BatchedInference, check_batch_size
@@ -161,11 +161,15 @@ def pil_to_model_image(image: Image.Image) -> np.ndarray:
 def read_image_file(path: Union[str, os.PathLike]) -> np.ndarray:
     """The model's 32×32×3 uint8 input from an image file (an animation's first frame); InputError names the file."""
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except OSError as error:  # a name longer than the filesystem allows, no permission on a folder, ...
+        raise InputError(f"{path} cannot be opened ({error.strerror or one_line(error)})") from None
     if path.is_dir():
         raise InputError(f"{path} is a folder: pass image files, or use predict_paths (the CLI does) to walk folders")
-    if path.stat().st_size == 0:
+    if size == 0:
         raise InputError(f"{path} is empty (0 bytes): not an image")
     try:
         with warnings.catch_warnings():
@@ -262,7 +266,11 @@ def model_images(source: Any, name: str) -> tuple[np.ndarray, list[str], Failure
     if isinstance(source, (str, os.PathLike)):
         return read_image_file(source)[None], [name], []
     if isinstance(source, Image.Image):
-        return pil_to_model_image(source)[None], [name], []
+        try:
+            return pil_to_model_image(source)[None], [name], []
+        except Exception as error:  # a closed image (PIL asserts), a lazy one whose file is gone or damaged
+            raise InputError(f"{name} is a PIL image that cannot be read ({one_line(error)}): pass it open, "
+                             "before `with Image.open(...)` closes it") from None
     if isinstance(source, np.ndarray) or hasattr(source, "__array__"):
         return array_to_model_images(source, name)
     raise InputError(f"{name} is a {type(source).__name__}: pass a numpy array, a file path or a PIL image")
@@ -292,7 +300,7 @@ def image_files(paths_or_directory: Union[str, os.PathLike, Iterable]) -> Iterat
             raise InputError(f"expected file or folder paths, got {_brief(path)}: pass arrays and PIL images to "
                              "predict(), paths to predict_paths()")
         path = Path(path)
-        if not path.is_dir():
+        if not _is_folder(path):
             yield path  # a missing or unreadable file is reported when it is read
             continue
         found = False
@@ -301,6 +309,13 @@ def image_files(paths_or_directory: Union[str, os.PathLike, Iterable]) -> Iterat
             yield file
         if not found:
             yield path
+
+
+def _is_folder(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a name the system refuses: reported as that file's error
+        return False
 
 
 def _brief(value: Any) -> str:
@@ -318,7 +333,7 @@ def _walk_images(folder: Path) -> Iterator[Path]:
 
 def read_image_path(path: Path) -> np.ndarray:
     """`read_image_file` for what `image_files` yields: a folder among them is one without image files."""
-    if path.is_dir():
+    if _is_folder(path):
         raise InputError(f"{path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
     return read_image_file(path)
 

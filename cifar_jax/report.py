@@ -182,5 +182,5 @@ def report_run(workdir: str | Path, step: str | int = "best", image_paths: Seque
     photos = predict_photos(workdir, restored.step, image_paths, num_devices) if image_paths else None
     plot_paths = draw_plots(workdir / rundir.PLOTS_SUBDIR, history, result, dataset.test_images, metadata.get("epoch"), photos)
     report = workdir / rundir.REPORT_FILE
-    report.write_text(report_markdown(workdir, metadata, result, history, plot_paths) + "\n")
+    rundir.write_text_atomically(report, report_markdown(workdir, metadata, result, history, plot_paths) + "\n")
     return RunReport(report, plot_paths, result)

@@ -16,10 +16,12 @@ import itertools
 import json
 import os
 from pathlib import Path
+import shutil
+import typing
 from typing import Iterator, Sequence
 
 from cifar_jax.config import TrainConfig, conflicting_fields
-from cifar_jax.errors import ConfigError, InputError
+from cifar_jax.errors import ConfigError, InputError, RunFolderError, one_line
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -52,10 +54,21 @@ def plot_path(workdir: str | os.PathLike, name: str) -> Path:
 
 
 def write_text_atomically(path: Path, text: str) -> None:
-    """Write beside the file, then rename: a kill leaves the old file or the new one, never half of one."""
+    """Write beside the file, then rename: a kill or a full disk leaves the old file or the new one, never half."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise_unwritable(path, error)
+
+
+def raise_unwritable(path: Path, error: OSError) -> typing.NoReturn:
+    """A file of the run that could not be written (full disk, no permission), in one line that says what to do."""
+    raise RunFolderError(f"could not write {path} ({error.strerror or one_line(error)}): free disk space or fix the "
+                         "folder's permissions, then run the same command again (what was saved before is kept)"
+                         ) from None
 
 
 def write_json(path: Path, value: dict) -> None:
@@ -67,9 +80,18 @@ def write_config(workdir: Path, config: TrainConfig) -> None:
 
 
 def saved_config(workdir: str | os.PathLike) -> TrainConfig | None:
-    """The run's config.json, or None if it has none; ConfigError if it cannot be read."""
+    """The run's config.json, or None if it has none; ConfigError, naming the file, if it cannot be read or holds a
+    value no run could have saved (edited by hand)."""
     path = Path(workdir).expanduser() / CONFIG_FILE
-    return TrainConfig.load(path) if path.exists() else None
+    if not path.exists():
+        return None
+    config = TrainConfig.load(path)
+    try:
+        config.resolved()
+    except ConfigError as error:
+        raise ConfigError(f"{path} holds a value no run saved: {error}; fix that value in the file, or train into "
+                          "a new --workdir") from None
+    return config
 
 
 def write_history(workdir: Path, history: Sequence[dict]) -> None:
@@ -87,12 +109,21 @@ def read_history(workdir: str | os.PathLike, fallback: Sequence[dict] = ()) -> l
             row = json.loads(line) if line.strip() else None
         except json.JSONDecodeError:
             row = "not JSON"
-        if row is not None and not isinstance(row, dict):
-            raise InputError(f"{path} line {number} is not a metrics row: move the file away to plot the history "
-                             "saved in the checkpoint instead")
+        if row is not None and not is_metrics_row(row):
+            raise InputError(f"{path} line {number} is not a metrics row (an object with {', '.join(ROW_KEYS)} as "
+                             "numbers): move the file away to use the history saved in the checkpoint instead")
         if row is not None:
             history.append(row)
     return history or list(fallback)
+
+
+ROW_KEYS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "epoch_seconds",
+            "images_per_second")  # what every row has had since the first version (learning_rate came later)
+
+
+def is_metrics_row(row: object) -> bool:
+    return isinstance(row, dict) and all(
+        isinstance(row.get(key), (int, float)) and not isinstance(row.get(key), bool) for key in ROW_KEYS)
 
 
 # ---------------------------------------------------------------- before a run starts
@@ -135,17 +166,33 @@ def check_can_create(folder: Path) -> None:
 def created_workdir(path: Path, named: bool) -> Path:
     """The run folder, made if missing. One the user named may hold the run to resume; a default timestamped one is
     always fresh: `path`, or PATH-2, PATH-3, ... if a run started in the same second took that name meanwhile."""
-    if named:
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for attempt in itertools.count(1):
-        candidate = path if attempt == 1 else path.with_name(f"{path.name}-{attempt}")
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            continue
+    try:
+        if named:
+            path.mkdir(parents=True, exist_ok=True)
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for attempt in itertools.count(1):
+            candidate = path if attempt == 1 else path.with_name(f"{path.name}-{attempt}")
+            try:
+                candidate.mkdir()
+                return candidate
+            except FileExistsError:
+                continue
+    except OSError as error:  # a place the permission check could not foresee (/proc, a read-only mount, ...)
+        raise ConfigError(f"cannot make the run folder {path} ({error.strerror or one_line(error)}): choose a "
+                          "--workdir in a folder you can write to") from None
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(workdir: Path, made_here: bool) -> Iterator[None]:
+    """A run folder this run made is removed again if the run fails before writing any file into it: a run that
+    cannot start leaves nothing behind. A folder that existed, or holds a file, is never touched."""
+    try:
+        yield
+    except BaseException:
+        if made_here and workdir.is_dir() and not any(p.is_file() for p in workdir.rglob("*")):
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ from flax import nnx
 from cifar_jax import cpu_kernels, parallel
 from cifar_jax.augment import Augmentation, augment_batch, augmentation_for, example_keys
 from cifar_jax.backends import KERNEL_CHOICES, resolve_kernels
-from cifar_jax.config import TrainConfig, is_whole_number
+from cifar_jax.config import MAX_EVAL_BATCH_SIZE, TrainConfig, is_whole_number
 from cifar_jax.data import normalize_images
 from cifar_jax.errors import ConfigError, InputError
 from cifar_jax.models import IMAGE_SHAPE, NUM_CLASSES, ConvBlock, conv_relu_pool
@@ -182,8 +182,8 @@ def make_inference_step(graphdef: nnx.GraphDef, standardize: bool, tta_flip: boo
 
 
 def check_batch_size(batch_size: Any) -> None:
-    if not is_whole_number(batch_size) or batch_size < 1:
-        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not is_whole_number(batch_size) or not 1 <= batch_size <= MAX_EVAL_BATCH_SIZE:
+        raise InputError(f"batch_size must be a whole number from 1 to {MAX_EVAL_BATCH_SIZE:,}, got {batch_size!r}")
 
 
 class BatchedInference:

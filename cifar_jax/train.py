@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from cifar_jax import checkpoint, distributed, optim, parallel, rundir
 from cifar_jax.callbacks import Callback, TrainingRun, call_all, default_callbacks
-from cifar_jax.config import TrainConfig
+from cifar_jax.config import MAX_TOTAL_STEPS, TrainConfig, conflicting_fields
 from cifar_jax.data import CIFAR10_MEAN, CIFAR10_STD, CLASS_NAMES, Cifar10, load_cifar10
 from cifar_jax.errors import CheckpointError, ConfigError, TrainingDivergedError
 from cifar_jax.models import init_params
@@ -38,7 +38,7 @@ class TrainResult:
     workdir: Path
     params: Any  # final parameters as host numpy arrays
     interrupted: bool = False  # stopped early by SIGINT/SIGTERM after saving a checkpoint
-    stopped_by: Optional[str] = None  # why a callback stopped the run early (its checkpoint saved), else None
+    stopped_by: Optional[str] = None  # the signal's name when interrupted, or why a callback stopped the run early
 
 
 @dataclasses.dataclass
@@ -98,9 +98,14 @@ def restore_or_init(config: TrainConfig, manager, optimizer, dataset: Cifar10) -
         return graphdef, state, running, RunPosition()
 
     def check_same_run(saved: dict) -> None:
-        if saved.get("model") != config.model:
-            raise CheckpointError(f"{manager.directory} holds checkpoints of {saved.get('model')}, not "
+        if saved["model"] != config.model:
+            raise CheckpointError(f"{manager.directory} holds checkpoints of {saved['model']}, not "
                                   f"{config.model}: use a new --workdir for a different model")
+        # Another run's state is not a corrupt one: refused, and left where it is.
+        conflicts = conflicting_fields(TrainConfig.from_dict(saved["config"]), config)
+        if conflicts:
+            raise CheckpointError(f"{manager.directory} holds checkpoints of a different run ({'; '.join(conflicts)}):"
+                                  " use a new --workdir, or drop the conflicting options to resume it")
         trained_on = saved.get("data_fingerprint")  # absent in checkpoints saved before it was recorded
         if trained_on is not None and trained_on != dataset.fingerprint:
             raise CheckpointError(f"{manager.directory} was trained on other data ({saved.get('data_source')}, "
@@ -111,14 +116,19 @@ def restore_or_init(config: TrainConfig, manager, optimizer, dataset: Cifar10) -
     template = {"opt_state": state.opt_state, "step": state.step, "running": running}
     restored = checkpoint.restore_newest_good(manager, params, jax.device_get(template), check_same_run)
     if restored is None:
+        if rundir.read_history(config.workdir):  # never a fresh run over a folder that holds results
+            raise CheckpointError(f"no checkpoint in {manager.directory} could be read (moved to "
+                                  f"{rundir.CORRUPT_CHECKPOINTS_SUBDIR}/), and {config.workdir} holds results: they "
+                                  "are kept; train into a new --workdir")
         return graphdef, state, running, RunPosition()
     meta, saved = restored.metadata, restored.train_state
     state = TrainState(restored.params, saved["opt_state"], jnp.asarray(saved["step"], jnp.int32))
     return graphdef, state, saved["running"], RunPosition(meta["epoch"], meta["step_in_epoch"], meta["history"])
 
 
-def prepared_run(config: TrainConfig) -> tuple[TrainConfig, parallel.DeviceSet, Cifar10]:
-    """The resolved config (its workdir made), its devices and its data, or an error before anything is written."""
+def prepared_run(config: TrainConfig) -> tuple[TrainConfig, parallel.DeviceSet, Cifar10, bool]:
+    """The resolved config (its workdir made), its devices, its data and whether the workdir is new; or an error
+    before anything is written."""
     if not isinstance(config, TrainConfig):
         raise ConfigError(f"train() takes a TrainConfig, got {type(config).__name__}: "
                           "TrainConfig(model=..., ...) or TrainConfig.from_dict(values)")
@@ -134,10 +144,14 @@ def prepared_run(config: TrainConfig) -> tuple[TrainConfig, parallel.DeviceSet, 
     else:
         rundir.check_can_create(Path(config.workdir))
     dataset = load_cifar10(config.data_dir, config.data)
-    optim.steps_per_epoch(len(dataset.train_labels), config.batch_size)  # refuses a batch larger than the data
+    steps = optim.steps_per_epoch(len(dataset.train_labels), config.batch_size)  # refuses a batch over the data
+    if config.epochs * steps > MAX_TOTAL_STEPS:  # the step counter is int32
+        raise ConfigError(f"{config.epochs:,} epochs of {steps:,} steps exceed the {MAX_TOTAL_STEPS:,} steps a run can "
+                          "count: ask for fewer --epochs or a larger --batch-size")
     # Only now: a run that cannot start leaves no empty folder behind.
+    is_new = not Path(config.workdir).expanduser().exists()
     workdir = rundir.created_workdir(Path(config.workdir).expanduser(), named_workdir)
-    return dataclasses.replace(config, workdir=str(workdir)), devices, dataset
+    return dataclasses.replace(config, workdir=str(workdir)), devices, dataset, is_new or not named_workdir
 
 
 def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
@@ -146,10 +160,11 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResul
     `callbacks` are called after the built-in ones (metrics.jsonl, the epoch line, the curves): see callbacks.py.
     """
     run_started = time.perf_counter()
-    config, devices, dataset = prepared_run(config)
+    config, devices, dataset, new_workdir = prepared_run(config)
     workdir = Path(config.workdir)
     optimizer = create_optimizer(config, optim.steps_per_epoch(len(dataset.train_labels), config.batch_size))
-    with rundir.exclusive_use(workdir, take_lock=parallel.is_main_process()), \
+    with rundir.removed_if_left_empty(workdir, new_workdir), \
+            rundir.exclusive_use(workdir, take_lock=parallel.is_main_process()), \
             checkpoint.managed(workdir, keep_latest=config.keep_checkpoints) as manager:
         graphdef, state, running, position = restore_or_init(config, manager, optimizer, dataset)
         if position.epoch > config.epochs:
@@ -195,9 +210,13 @@ class EpochLoop:
                 self._save(RunPosition(epoch, steps_done, run.history), None)
                 return self._stopped(run, stop_signal, epoch, steps_done)
             metrics = self._end_epoch(run, epoch, first_step)
+            saved = bool(stop_signal) or (epoch + 1) % self.config.checkpoint_every == 0 \
+                or epoch + 1 == self.config.epochs
+            if saved:  # before the callbacks: one that fails (a full disk) cannot cost the epoch
+                self._save(RunPosition(epoch + 1, 0, run.history), metrics)
+            call_all(self.callbacks, "on_epoch_end", run, metrics)
             stop_reason = distributed.value_of_process_zero(run.stop_reason)
-            if stop_signal or stop_reason or (epoch + 1) % self.config.checkpoint_every == 0 \
-                    or epoch + 1 == self.config.epochs:
+            if stop_reason and not saved:
                 self._save(RunPosition(epoch + 1, 0, run.history), metrics)
             if stop_signal:
                 return self._stopped(run, stop_signal, epoch, steps_done)
@@ -248,7 +267,7 @@ class EpochLoop:
         call_all(self.callbacks, "on_train_progress", run, global_step, metrics)
 
     def _end_epoch(self, run: TrainingRun, epoch: int, first_step: int) -> dict:
-        """Evaluate, record the epoch's row in the history, call the callbacks; returns the row."""
+        """Evaluate and record the epoch's row in the history; returns the row."""
         means = _running_means(self._checked_sums(epoch))
         epoch_seconds = time.perf_counter() - self.epoch_started
         test_logits = self.inference(self.state.params, self.dataset.test_images)
@@ -265,7 +284,6 @@ class EpochLoop:
         }
         run.history.append(metrics)
         self.running = self.devices.replicate(jax.device_get(empty_running_metrics()))
-        call_all(self.callbacks, "on_epoch_end", run, metrics)
         return metrics
 
     def _save(self, position: RunPosition, metrics: Optional[dict]) -> None:
@@ -280,7 +298,7 @@ class EpochLoop:
         if parallel.is_main_process():
             print(f"{stop_signal}: saved a checkpoint at epoch {epoch + 1}, step {steps_done}; resume with: "
                   f"cifar-jax train --workdir {run.workdir}", flush=True)
-        return self._result(run, interrupted=True)
+        return self._result(run, interrupted=True, stopped_by=stop_signal)
 
     def _result(self, run: TrainingRun, interrupted: bool = False, stopped_by: Optional[str] = None) -> TrainResult:
         call_all(self.callbacks, "on_train_end", run)

@@ -33,6 +33,7 @@ def model0_benchmark():
     return json.loads(out.getvalue())
 
 
+@pytest.mark.slow
 def test_json_has_every_figure_with_positive_values(model0_benchmark):
     for key in POSITIVE_KEYS:
         assert model0_benchmark[key] > 0, key
@@ -90,6 +91,7 @@ def test_flops_per_image_match_a_hand_count(model0_benchmark):
     assert model0_benchmark["flops_per_image"] == pytest.approx(8_405_760, rel=0.10)
 
 
+@pytest.mark.slow
 def test_bfloat16_learns_as_well_as_float32(tmp_path, monkeypatch):
     dataset = class_coloured_dataset(num_train=512, num_test=101)
     monkeypatch.setattr(train_module, "load_cifar10", lambda data_dir=None, source="auto": dataset)
@@ -102,6 +104,7 @@ def test_bfloat16_learns_as_well_as_float32(tmp_path, monkeypatch):
     assert abs(accuracy["bfloat16"] - accuracy["float32"]) <= 0.05, accuracy
 
 
+@pytest.mark.slow
 def test_the_table_script_runs_the_models_and_batch_sizes_asked_for(capsys):
     spec = importlib.util.spec_from_file_location("benchmark_script", ROOT / "scripts" / "benchmark.py")
     script = importlib.util.module_from_spec(spec)

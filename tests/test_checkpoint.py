@@ -4,7 +4,9 @@ Killing real processes (SIGKILL mid-epoch and mid-save, SIGTERM) is in test_pree
 """
 import dataclasses
 import importlib
+import json
 import logging
+import shutil
 import subprocess
 import sys
 
@@ -15,7 +17,9 @@ import pytest
 
 from cifar_jax import TrainConfig, checkpoint, train
 from cifar_jax.errors import CheckpointError, ConfigError, TrainingDivergedError
+from cifar_jax.evaluate import evaluate
 from cifar_jax.models import abstract_params
+from cifar_jax.predict import Predictor
 from learnable import class_coloured_dataset
 
 train_module = importlib.import_module("cifar_jax.train")
@@ -80,6 +84,7 @@ def test_checkpoint_describes_itself(tmp_path, learnable_data):
     np.testing.assert_array_equal(flat(restored.params), flat(result.params))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damaged", ["params", "metadata"])
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, learnable_data, damaged):
     config = quick_config(tmp_path)
@@ -95,18 +100,38 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, lear
     np.testing.assert_array_equal(flat(resumed.params), flat(straight.params))
 
 
-def test_a_corrupt_only_checkpoint_restarts_the_run_and_says_so(tmp_path, learnable_data):
+@pytest.mark.slow
+def test_a_corrupt_only_checkpoint_is_set_aside_and_the_runs_results_are_kept(tmp_path, learnable_data):
     config = quick_config(tmp_path, epochs=1)
     fresh = train(config)
+    metrics = (fresh.workdir / "metrics.jsonl").read_text()
     for data_file in (fresh.workdir / "checkpoints").glob("*/params/**/*"):
         if data_file.is_file() and data_file.stat().st_size > 0:
             data_file.write_bytes(data_file.read_bytes()[:10])
     with pytest.warns(UserWarning, match="falling back to the start: there is no earlier one$"):
-        again = train(config)
-    np.testing.assert_array_equal(flat(again.params), flat(fresh.params))
+        with pytest.raises(CheckpointError, match=r"no checkpoint .* could be read \(moved to corrupt_checkpoints/\)"
+                                                  r", and .* holds results: they are kept; train into a new --workdir"):
+            train(config)
+    assert (fresh.workdir / "metrics.jsonl").read_text() == metrics  # not overwritten by a fresh run
     assert len(list((fresh.workdir / "corrupt_checkpoints").iterdir())) == 1  # kept aside, not deleted
+    again = train(dataclasses.replace(config, workdir=str(tmp_path / "new")))
+    np.testing.assert_array_equal(flat(again.params), flat(fresh.params))
 
 
+def test_a_run_whose_config_json_is_gone_is_not_overwritten_by_another_run(tmp_path, learnable_data):
+    first = train(quick_config(tmp_path, epochs=2))
+    (first.workdir / "config.json").unlink()
+    before = {p: p.read_bytes() for p in first.workdir.rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointError, match=r"holds checkpoints of a different run \(.*optimizer: 'adam' in the run "
+                                              r"vs 'sgd' requested.*use a new --workdir"):
+        train(quick_config(tmp_path, epochs=3, optimizer="sgd", learning_rate=0.01))
+    assert {p: p.read_bytes() for p in first.workdir.rglob("*") if p.is_file()} == before  # nothing moved
+    assert not (first.workdir / "corrupt_checkpoints").exists()
+    resumed = train(quick_config(tmp_path, epochs=3))  # the run's own settings still resume it
+    assert [row["epoch"] for row in resumed.history] == [1, 2, 3]
+
+
+@pytest.mark.slow
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, learnable_data, monkeypatch):
     config = quick_config(tmp_path, epochs=1)
     good = train(config)
@@ -118,6 +143,7 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, learnable
     np.testing.assert_array_equal(flat(restored.params), flat(good.params))
 
 
+@pytest.mark.slow
 def test_resuming_on_other_data_is_refused_but_the_same_data_read_elsewhere_resumes(tmp_path, learnable_data,
                                                                                     monkeypatch):
     train(quick_config(tmp_path, epochs=1))
@@ -143,6 +169,7 @@ def test_a_workdir_named_checkpoints_keeps_its_checkpoints_inside(tmp_path, lear
     np.testing.assert_array_equal(flat(restored.params), flat(result.params))
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_is_a_clear_error(tmp_path, learnable_data):
     train(quick_config(tmp_path, epochs=1))
     (tmp_path / "run" / "config.json").unlink()  # only the checkpoint says which model it is
@@ -159,6 +186,7 @@ def test_conflicting_config_names_both_values_and_overwrites_nothing(tmp_path, l
     assert (tmp_path / "run" / "config.json").read_text() == saved
 
 
+@pytest.mark.slow
 def test_saved_on_four_devices_resumes_on_one(tmp_path, learnable_data):
     four = train(quick_config(tmp_path, epochs=1, num_devices=4))
     resumed = train(quick_config(tmp_path, epochs=2, num_devices=1))
@@ -172,3 +200,41 @@ def test_saved_on_four_devices_resumes_on_one(tmp_path, learnable_data):
 def test_missing_checkpoint_for_inference_says_what_to_do(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoints folder at .*pass the --workdir of a training run"):
         checkpoint.restore_for_inference(tmp_path / "nothing", "best", abstract_params)
+
+
+METADATA_DAMAGE = [(key, damage) for key in ("model", "config", "class_names", "normalization", "epoch",
+                                             "step_in_epoch", "history") for damage in ("removed", "mistyped")]
+
+
+def damage_metadata(step_dir, key, damage):
+    path = step_dir / "metadata" / "metadata"
+    record = json.loads(path.read_text())
+    if damage == "removed":
+        del record[key]
+    else:
+        record[key] = [1, 2] if not isinstance(record[key], list) else "not a list"
+    path.write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("key, damage", METADATA_DAMAGE)
+def test_a_checkpoint_record_with_a_field_removed_or_mistyped_is_unreadable_in_one_line(trained_run, tmp_path, key,
+                                                                                        damage):
+    workdir = tmp_path / "copy"
+    shutil.copytree(trained_run.workdir, workdir)
+    for step_dir in (workdir / "checkpoints").iterdir():
+        damage_metadata(step_dir, key, damage)
+    for read in (lambda: checkpoint.restore_for_inference(workdir, "latest", abstract_params),
+                 lambda: Predictor.from_checkpoint(workdir), lambda: evaluate(workdir)):
+        with pytest.raises(CheckpointError, match=rf"checkpoint \d+ in .* could not be read .*{key}.*: choose another"):
+            read()
+
+
+def test_resuming_past_a_record_cut_down_to_the_model_falls_back_to_the_previous_checkpoint(tmp_path,
+                                                                                           learnable_data):
+    config = quick_config(tmp_path, epochs=2)
+    first = train(config)
+    latest = max(int(p.name) for p in (first.workdir / "checkpoints").iterdir())
+    (first.workdir / "checkpoints" / str(latest) / "metadata" / "metadata").write_text('{"model": "model0"}')
+    with pytest.warns(UserWarning, match=f"checkpoint {latest} .* is unreadable .*'config' is missing.* previous one"):
+        resumed = train(config)
+    assert [row["epoch"] for row in resumed.history] == [1, 2]

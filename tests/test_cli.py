@@ -26,6 +26,7 @@ def run_cli(*args, timeout=240, **extra_env):
                           timeout=timeout, env=env)
 
 
+@pytest.mark.slow
 def test_train_on_a_tiny_archive_writes_sane_metrics_and_curves(learnable_data_dir, tmp_path):
     workdir = tmp_path / "run"
     done = run_cli("train", "--model", "model0", "--epochs", "2", "--batch-size", "32", "--eval-batch-size", "101",
@@ -52,6 +53,7 @@ def test_train_on_a_tiny_archive_writes_sane_metrics_and_curves(learnable_data_d
     assert done.stdout.count("first step done") == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--batch-size", "0"], "batch_size must be a positive integer, got 0"),
     (["--model", "model9"], "unknown model 'model9': choose one of model0, model1, model2"),
@@ -59,7 +61,8 @@ def test_train_on_a_tiny_archive_writes_sane_metrics_and_curves(learnable_data_d
     (["--data-dir", "/nonexistent/cifar", "--data", "archive"], "cifar-10-binary.tar.gz"),
     (["--data-dir", "/etc/passwd"], "data dir /etc/passwd is a file, not a folder: pass the folder that holds"),
     (["--epochs", "ten"], "argument --epochs: invalid int value: 'ten' (see cifar-jax train --help)"),
-    (["--epoks", "3"], "unrecognized arguments: --epoks 3 (see cifar-jax train --help)"),
+    (["--epoks", "3"], "unrecognized arguments: --epoks 3; did you mean --epochs? (see cifar-jax train --help)"),
+    (["--lr", "0.01"], "unrecognized arguments: --lr 0.01; did you mean --learning-rate or --lr-schedule?"),
 ])
 def test_user_errors_are_one_line_without_traceback(tmp_path, args, message):
     done = run_cli("train", "--workdir", str(tmp_path / "run"), "--no-progress", *args, timeout=120)
@@ -70,6 +73,7 @@ def test_user_errors_are_one_line_without_traceback(tmp_path, args, message):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_help_lists_every_subcommand():
     done = run_cli("--help", timeout=60)
     assert done.returncode == 0
@@ -102,6 +106,7 @@ def test_benchmark_compiles_cold_while_the_other_commands_use_the_cache(tmp_path
     assert capsys.readouterr().err.count("cifar-jax: error:") == 2
 
 
+@pytest.mark.slow
 def test_an_unreadable_checkpoint_is_one_line_even_with_reads_still_in_flight(trained_run, tmp_path):
     workdir = tmp_path / "copy"
     shutil.copytree(trained_run.workdir, workdir)
@@ -163,6 +168,7 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_cannot_be_written_is_one_error_line_and_the_process_ends(learnable_data_dir, tmp_path):
     workdir = tmp_path / "run"
     workdir.mkdir()

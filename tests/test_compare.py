@@ -140,6 +140,7 @@ def killed_grid(learnable_data_dir, tmp_path_factory):
     return out, at_kill, exit_code
 
 
+@pytest.mark.slow
 def test_sigkill_mid_grid_then_rerunning_completes_it(killed_grid):
     out, at_kill, exit_code = killed_grid
     first, second = (out / "runs" / f"model=model0,learning_rate=0.001,epochs={epochs}" for epochs in (1, 3))
@@ -200,6 +201,7 @@ def test_rerunning_skips_every_finished_run(killed_grid, learnable_data_dir, mon
 # ---------------------------------------------------------------- failures
 
 
+@pytest.mark.slow
 def test_a_failing_run_is_recorded_with_its_error_and_the_others_finish(learnable_data_dir, tmp_path, capsys):
     out = tmp_path / "cmp"
     code = main(["compare", "--models", "model0", "--grid", "learning_rate=-1,1e-3", "--grid", "batch_size=30,32",
@@ -298,6 +300,7 @@ def test_an_out_path_that_is_a_file_is_refused(tmp_path, capsys):
 # ---------------------------------------------------------------- scripts/reproduce_tutorial.py
 
 
+@pytest.mark.slow
 def test_reproduce_tutorial_script_in_parallel_workers_puts_the_tutorials_numbers_beside_ours(learnable_data_dir,
                                                                                              tmp_path):
     spec = importlib.util.spec_from_file_location("reproduce_tutorial", ROOT / "scripts" / "reproduce_tutorial.py")
@@ -326,6 +329,7 @@ def test_reproduce_tutorial_script_in_parallel_workers_puts_the_tutorials_number
     assert "1 epochs, not the tutorial's 10" in markdown
 
 
+@pytest.mark.slow
 def test_reproduce_tutorial_script_times_the_table_on_synthetic_data(tmp_path, monkeypatch, capsys):
     from cifar_jax import data
 

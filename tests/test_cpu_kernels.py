@@ -11,7 +11,7 @@ from cifar_jax.models import create_model, init_params
 from cifar_jax.steps import apply_model, conv_block_for
 
 
-@pytest.mark.parametrize("name", ["model0", "model1"])
+@pytest.mark.parametrize("name", ["model0", pytest.param("model1", marks=pytest.mark.slow)])
 def test_cpu_and_xla_kernels_give_the_same_logits_and_gradients(name):
     graphdef, params = init_params(name, seed=1)
     params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(p.size), p.shape), params)

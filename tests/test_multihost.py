@@ -23,6 +23,8 @@ from cifar_jax.flags import given_fields
 from cifar_jax.parallel import DeviceSet
 from cifar_jax.models import abstract_params
 
+pytestmark = pytest.mark.slow  # every test here runs processes end to end
+
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 150  # seconds any one subprocess may take before the test fails instead of hanging CI
 HEARTBEAT_TIMEOUT = 10  # seconds before JAX declares a silent peer dead

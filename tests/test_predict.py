@@ -211,7 +211,7 @@ def test_an_empty_batch_gives_no_rows(predictor, dtype):
     (lambda p, folder: list(p.predict_paths(np.zeros((4, 32, 32, 3)))),
      r"got ndarray array\(\[\[\[\[0., 0., 0.\], \[0., 0., 0.\], .*: pass arrays and PIL images to predict\(\)"),
     (lambda p, folder: list(p.predict_paths([np.zeros(3)])), "expected file or folder paths, got ndarray"),
-    (lambda p, folder: list(p.predict_paths(folder, batch_size=-1)), "batch_size must be a positive integer, got -1"),
+    (lambda p, folder: list(p.predict_paths(folder, batch_size=-1)), "batch_size must be a whole number from 1 to 65,536, got -1"),
     (lambda p, folder: p.predict(np.zeros((1, 32, 32, 3), np.uint8)).top_k(0), "k must be a whole number of classes"),
 ])
 def test_misused_calls_get_an_input_error(predictor, photo_folder, call, message):
@@ -345,7 +345,7 @@ def test_new_batch_sizes_never_recompile(run, few_colour_image):
 
 def test_batch_size_is_rounded_up_to_the_device_count(run):
     assert Predictor.from_checkpoint(run.workdir, batch_size=5).batch_size == 8
-    with pytest.raises(InputError, match="batch_size must be a positive integer"):
+    with pytest.raises(InputError, match="batch_size must be a whole number from 1 to 65,536"):
         Predictor.from_checkpoint(run.workdir, batch_size=0)
 
 

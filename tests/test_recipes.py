@@ -182,6 +182,7 @@ def test_label_smoothing_mixes_the_uniform_distribution_into_the_targets():
     assert float(cross_entropy_loss(logits, jnp.array([0]))[0]) == pytest.approx(float(-log_probs[0]), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_train_loss_is_reported_without_smoothing_while_the_gradient_follows_it():
     images, labels = photo_batch(16), np.arange(16, dtype=np.int32) % 10
     graphdef, params = init_params("model0", seed=2)
@@ -304,6 +305,7 @@ def flat(params) -> np.ndarray:
     return np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(params)])
 
 
+@pytest.mark.slow
 def test_an_augmented_run_learns_and_resumes_exactly(tmp_path, learnable_data, monkeypatch):
     straight = train(recipe_run(tmp_path, "straight"))
     assert straight.history[-1]["test_accuracy"] > 0.5  # chance is 0.1

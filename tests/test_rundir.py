@@ -4,10 +4,11 @@ import json
 import pytest
 
 from cifar_jax import TrainConfig, rundir
-from cifar_jax.errors import ConfigError, InputError
+from cifar_jax.errors import ConfigError, InputError, RunFolderError
 from cifar_jax.rundir import read_history
 
-HISTORY = [{"epoch": 1, "train_loss": 2.0, "train_accuracy": 0.2, "test_loss": 2.1, "test_accuracy": 0.19}]
+HISTORY = [{"epoch": 1, "train_loss": 2.0, "train_accuracy": 0.2, "test_loss": 2.1, "test_accuracy": 0.19,
+            "epoch_seconds": 3.5, "images_per_second": 14000.0}]
 
 
 def test_history_comes_from_metrics_jsonl_else_the_checkpoint(trained_run, tmp_path):
@@ -16,8 +17,8 @@ def test_history_comes_from_metrics_jsonl_else_the_checkpoint(trained_run, tmp_p
 
 
 def test_a_garbled_metrics_file_is_one_clear_error(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2, "train_lo\n')
-    with pytest.raises(InputError, match=r"metrics.jsonl line 2 is not a metrics row: move the file away"):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(HISTORY[0]) + '\n{"epoch": 2, "train_lo\n')
+    with pytest.raises(InputError, match=r"metrics.jsonl line 2 is not a metrics row .*: move the file away"):
         read_history(tmp_path, HISTORY)
 
 
@@ -30,7 +31,7 @@ def test_an_atomic_write_leaves_the_old_file_when_it_fails(tmp_path, monkeypatch
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(type(path), "write_text", full_disk)
-    with pytest.raises(OSError):
+    with pytest.raises(RunFolderError, match="No space left on device"):
         rundir.write_history(tmp_path, HISTORY * 2)
     monkeypatch.undo()
     assert [json.loads(line) for line in path.read_text().splitlines()] == HISTORY

@@ -43,7 +43,7 @@ def test_the_backends_evaluation_batch_is_the_default_and_a_bad_batch_is_refused
     graphdef, _ = init_params("model0", seed=0)
     devices = DeviceSet.select(4)
     assert BatchedInference(graphdef, False, devices).batch_size == devices.defaults.eval_batch_size == 256
-    with pytest.raises(InputError, match="batch_size must be a positive integer, got 0"):
+    with pytest.raises(InputError, match="batch_size must be a whole number from 1 to 65,536, got 0"):
         BatchedInference(graphdef, False, devices, 0)
 
 

@@ -66,6 +66,7 @@ def test_metrics_and_config_files_are_written(tmp_path, learnable_data):
     assert saved["model"] == "model0" and saved["optimizer"] == "adam" and saved["learning_rate"] == 1e-3
 
 
+@pytest.mark.slow
 def test_four_devices_give_the_same_parameters_as_one(tmp_path, learnable_data):
     assert jax.local_device_count() >= 4, "conftest asks for 4 simulated CPU devices"
     # SGD: its update is linear in the gradient (a wrong device average shows), and unlike Adam's m/sqrt(v) it does
@@ -92,6 +93,7 @@ def test_same_seed_reproduces_a_run_exactly(tmp_path, learnable_data):
     np.testing.assert_array_equal(flat(first.params), flat(second.params))
 
 
+@pytest.mark.slow
 def test_resuming_ends_with_the_same_parameters_as_an_uninterrupted_run(tmp_path, learnable_data):
     straight = train(quick_config(tmp_path, epochs=3, workdir=str(tmp_path / "straight")))
     resumed_dir = str(tmp_path / "resumed")
@@ -102,6 +104,7 @@ def test_resuming_ends_with_the_same_parameters_as_an_uninterrupted_run(tmp_path
     assert resumed.history[-1]["test_accuracy"] == straight.history[-1]["test_accuracy"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("checks_before_stop, finished_epochs, steps_in", [(15, 1, 0), (20, 1, 5)])
 def test_a_run_stopped_on_any_step_resumes_to_the_same_parameters(tmp_path, learnable_data, monkeypatch,
                                                                    checks_before_stop, finished_epochs, steps_in):
@@ -152,6 +155,7 @@ def test_all_finite_finds_one_bad_element_in_any_leaf(bad_value):
     assert not bool(all_finite(tree))
 
 
+@pytest.mark.slow
 def test_huge_learning_rate_stops_with_a_clear_error(tmp_path, learnable_data):
     with pytest.raises(TrainingDivergedError, match=r"NaN/Inf in epoch 1 at step \d+"):
         train(quick_config(tmp_path, learning_rate=1e12, optimizer="sgd"))
@@ -161,6 +165,7 @@ def test_huge_learning_rate_stops_with_a_clear_error(tmp_path, learnable_data):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["learning_rate"] == 1e-2
 
 
+@pytest.mark.slow
 def test_a_bad_gradient_on_an_epochs_last_step_is_caught_before_its_checkpoint(tmp_path, learnable_data, monkeypatch):
     # The step checks only its loss; a NaN gradient whose step's loss was finite shows in the parameters, which the
     # loop checks before it saves. Here the update of the epoch's last step is NaN: no later loss would see it.
@@ -281,6 +286,7 @@ def test_numpy_numbers_in_the_config_train_and_save_as_plain_numbers(tmp_path, l
     assert saved["learning_rate"] == pytest.approx(0.002) and saved["label_smoothing"] == 0.1
 
 
+@pytest.mark.slow
 def test_runs_without_a_workdir_started_in_the_same_second_get_their_own_folders(tmp_path, learnable_data,
                                                                                  monkeypatch):
     monkeypatch.chdir(tmp_path)
