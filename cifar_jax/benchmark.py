@@ -7,6 +7,7 @@ end, so asynchronous dispatch cannot flatter the figure.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import resource
@@ -40,6 +41,7 @@ class BenchmarkSettings:
     windows: int = 5  # the timed training is split in this many windows; the median counts
     max_steps: Optional[int] = None  # cap on timed training steps (short smoke runs)
     inference_repeats: int = 3
+    profile_dir: Optional[str] = None  # a jax.profiler trace of the timed training steps goes here
 
     def __post_init__(self):
         if not (math.isfinite(self.epochs) and self.epochs > 0):
@@ -121,8 +123,10 @@ def time_training(config: TrainConfig, dataset: Cifar10, devices: parallel.Devic
 
     jax.block_until_ready(run_steps(0, WARMUP_STEPS))
     windows, steps_per_window = timing_windows(settings, steps_per_epoch)
-    images_per_second = median_rate(lambda w: run_steps(WARMUP_STEPS + w * steps_per_window, steps_per_window),
-                                    steps_per_window * config.batch_size, windows)
+    tracing = jax.profiler.trace(settings.profile_dir) if settings.profile_dir else contextlib.nullcontext()
+    with tracing:
+        images_per_second = median_rate(lambda w: run_steps(WARMUP_STEPS + w * steps_per_window, steps_per_window),
+                                        steps_per_window * config.batch_size, windows)
     flops_per_image = flops_of(compiled) / (config.batch_size // devices.global_count)
     return {
         "compile_seconds": compile_seconds,

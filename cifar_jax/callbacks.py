@@ -33,6 +33,7 @@ class TrainingRun:
     steps_per_epoch: int
     history: list[dict]  # one row per finished epoch (the latest included in on_epoch_end)
     is_main_process: bool
+    start_step: int = 0  # the optimizer step this (resumed) run starts from
     stop_reason: Optional[str] = None
 
     def request_stop(self, reason: str) -> None:
@@ -86,11 +87,6 @@ class TrainingCurves(Callback):
             from cifar_jax import plots  # matplotlib loads only here, not on every start-up
 
             plots.plot_training_curves(run.history, rundir.plot_path(run.workdir, "training_curves"))
-
-
-def default_callbacks() -> list[Callback]:
-    """What every run does: metrics.jsonl, the epoch line, the curves."""
-    return [MetricsFile(), EpochLog(), TrainingCurves()]
 
 
 def epoch_line(metrics: dict) -> str:

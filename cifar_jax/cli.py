@@ -85,11 +85,15 @@ def _add_run_evaluation_flags(parser: argparse.ArgumentParser) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from cifar_jax.evaluate import evaluate, format_result
+    from cifar_jax.evaluate import dataset_for, evaluate_restored, format_result, restore_run
+    from cifar_jax.report import write_evaluation_images
 
     announce_backend(sys.stderr if args.json else sys.stdout)  # --json: stdout holds the object alone
-    result = evaluate(args.workdir, args.step, num_devices=args.num_devices, data_dir=args.data_dir, data=args.data)
+    restored = restore_run(args.workdir, args.step)
+    dataset = dataset_for(restored.metadata, args.data_dir, args.data)
+    result = evaluate_restored(restored, dataset, args.num_devices)
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_result(result))
+    write_evaluation_images(args.workdir, result, dataset.test_images, restored.metadata)
     return 0
 
 
@@ -134,7 +138,8 @@ def _benchmark(args: argparse.Namespace) -> int:
 
     announce_backend(sys.stderr if args.json else sys.stdout)
     config = TrainConfig(**{**given_fields(args, TrainConfig), "progress": False})
-    settings = BenchmarkSettings(epochs=args.timed_epochs, windows=args.windows, max_steps=args.max_steps)
+    settings = BenchmarkSettings(epochs=args.timed_epochs, windows=args.windows, max_steps=args.max_steps,
+                                 profile_dir=args.profile)
     result = run_benchmark(config, settings)
     print(json.dumps(result, indent=2) if args.json else format_benchmark(result))
     return 0
@@ -156,6 +161,9 @@ def _add_benchmark_parser(commands) -> None:
     parser.add_argument("--windows", type=int, default=5, help="timed windows; the median counts (default: 5)")
     parser.add_argument("--max-steps", type=int, default=None, help="cap on timed training steps (quick checks)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--profile", metavar="DIR", default=None,
+                        help="write a jax.profiler trace of the timed training steps into DIR (open it in "
+                             "TensorBoard's profile plugin or Perfetto)")
     # It times the compile: a persistent-cache hit would report loading a program instead.
     parser.set_defaults(handler=_benchmark, cache_compilations=False)
 

@@ -109,6 +109,9 @@ class TrainConfig:
     num_devices: Optional[int] = _field(None, "use only the first N local devices; unset uses every device")
     dtype: str = _field("float32", "compute dtype of the forward and backward pass: float32, or bfloat16 (weights, "
                         "optimizer and loss stay float32)")
+    tensorboard: bool = _field(True, "write TensorBoard summaries (curves, hyperparameters) under WORKDIR/tensorboard")
+    profile_steps: Optional[str] = _field(None, "START:END: trace optimizer steps START to END-1 of this run with "
+                                          "jax.profiler into WORKDIR/profile (TensorBoard's profile plugin, Perfetto)")
     kernels: str = _field("auto", "forms of the conv blocks: cpu (tuned for XLA:CPU), xla (plain Flax ops, what GPUs "
                           "and TPUs are tuned for), or auto (cpu on CPUs, xla elsewhere); results agree within float "
                           "rounding")
@@ -189,7 +192,9 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a non-negative number (0 = off), got {value!r}")
         if not (_is_number(self.label_smoothing) and 0 <= self.label_smoothing < 1):
             raise ConfigError(f"label_smoothing must be a number from 0 to less than 1, got {self.label_smoothing!r}")
-        for name in ("augment", "tta_flip", "standardize", "resume", "progress"):
+        if self.profile_steps is not None:
+            profile_step_range(self.profile_steps)
+        for name in ("augment", "tta_flip", "standardize", "resume", "progress", "tensorboard"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         self._validate_augmentation()
@@ -251,6 +256,14 @@ class TrainConfig:
             raise ConfigError(f"{path} holds {type(values).__name__}, not a run config: restore it from a backup, "
                               "or train into a new --workdir")
         return cls.from_dict(values)
+
+
+def profile_step_range(text: Any) -> tuple[int, int]:
+    """'START:END' as (START, END), 0 <= START < END."""
+    start, _, end = text.partition(":") if isinstance(text, str) else ("", "", "")
+    if not (start.isdigit() and end.isdigit() and int(start) < int(end)):
+        raise ConfigError(f"profile_steps must be START:END with 0 <= START < END, e.g. 10:20, got {text!r}")
+    return int(start), int(end)
 
 
 def _is_number(value: Any) -> bool:

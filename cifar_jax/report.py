@@ -4,13 +4,14 @@ a one-page summary that reads well on GitHub (tables, and the plots embedded by 
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from cifar_jax import plots, rundir
+from cifar_jax import plots, rundir, summaries
 from cifar_jax.errors import InputError
 from cifar_jax.evaluate import EvaluationResult, dataset_for, evaluate_restored, restore_run
 from cifar_jax.models import count_params
@@ -183,4 +184,27 @@ def report_run(workdir: str | Path, step: str | int = "best", image_paths: Seque
     plot_paths = draw_plots(workdir / rundir.PLOTS_SUBDIR, history, result, dataset.test_images, metadata.get("epoch"), photos)
     report = workdir / rundir.REPORT_FILE
     rundir.write_text_atomically(report, report_markdown(workdir, metadata, result, history, plot_paths) + "\n")
+    if wants_summaries(metadata):
+        summaries.write_images(workdir, result.step, {name: plot_paths[name] for name in EVALUATION_IMAGES})
     return RunReport(report, plot_paths, result)
+
+
+EVALUATION_IMAGES = ("confusion_matrix", "test_predictions")  # what `plot` and `evaluate` show in TensorBoard
+
+
+def wants_summaries(metadata: dict) -> bool:
+    return bool(metadata.get("config", {}).get("tensorboard", True))
+
+
+def write_evaluation_images(workdir: str | Path, result: EvaluationResult, test_images_nhwc_uint8: np.ndarray,
+                            metadata: dict) -> None:
+    """The confusion matrix and the test images with predictions, as TensorBoard images of the run (`evaluate`)."""
+    if not wants_summaries(metadata):
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        pngs = {"confusion_matrix": plots.plot_confusion_matrix(result.confusion_matrix, result.class_names,
+                                                                Path(scratch) / "confusion_matrix.png"),
+                "test_predictions": plots.plot_prediction_grid(test_images_nhwc_uint8, result.labels,
+                                                               result.predictions, result.class_names,
+                                                               Path(scratch) / "test_predictions.png")}
+        summaries.write_images(Path(workdir).expanduser(), result.step, pngs)

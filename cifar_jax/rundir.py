@@ -7,6 +7,8 @@ that keep two runs from mixing in it.
     WORKDIR/corrupt_checkpoints/  unreadable checkpoints moved aside, never deleted
     WORKDIR/plots/*.png           training curves (at the end of a run) and `plot`'s figures
     WORKDIR/report.md             `plot`'s one-page report
+    WORKDIR/tensorboard/          TensorBoard event files (summaries.py); tensorboard/hparams/ the HParams row
+    WORKDIR/profile/              a jax.profiler trace, with --profile-steps
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ CHECKPOINTS_SUBDIR = "checkpoints"
 CORRUPT_CHECKPOINTS_SUBDIR = "corrupt_checkpoints"
 PLOTS_SUBDIR = "plots"
 REPORT_FILE = "report.md"
+TENSORBOARD_SUBDIR = "tensorboard"
+PROFILE_SUBDIR = "profile"
 PLOT_FILES = {  # plot name → file under WORKDIR/plots/
     "training_curves": "training_curves.png",
     "confusion_matrix": "confusion_matrix.png",
@@ -48,6 +52,10 @@ def checkpoints_dir(workdir: str | os.PathLike) -> Path:
 
 def plot_path(workdir: str | os.PathLike, name: str) -> Path:
     return Path(workdir) / PLOTS_SUBDIR / PLOT_FILES[name]
+
+
+def tensorboard_dir(workdir: str | os.PathLike) -> Path:
+    return Path(workdir) / TENSORBOARD_SUBDIR
 
 
 # ---------------------------------------------------------------- files

@@ -20,12 +20,14 @@ import numpy as np
 from tqdm import tqdm
 
 from cifar_jax import checkpoint, distributed, optim, parallel, rundir
-from cifar_jax.callbacks import Callback, TrainingRun, call_all, default_callbacks
-from cifar_jax.config import MAX_TOTAL_STEPS, TrainConfig, conflicting_fields
+from cifar_jax.callbacks import Callback, EpochLog, MetricsFile, TrainingCurves, TrainingRun, call_all
+from cifar_jax.config import MAX_TOTAL_STEPS, TrainConfig, conflicting_fields, profile_step_range
 from cifar_jax.data import CIFAR10_MEAN, CIFAR10_STD, CLASS_NAMES, Cifar10, load_cifar10
 from cifar_jax.errors import CheckpointError, ConfigError, TrainingDivergedError
 from cifar_jax.models import init_params
+from cifar_jax.summaries import TensorBoardSummaries
 from cifar_jax.optim import create_optimizer
+from cifar_jax.profiling import StepTrace
 from cifar_jax.steps import (BatchedInference, TrainState, build_train_step, empty_running_metrics,
                              finite_on_this_process, loss_and_accuracy)
 
@@ -48,6 +50,11 @@ class RunPosition:
     epoch: int = 0
     step_in_epoch: int = 0
     history: list = dataclasses.field(default_factory=list)
+
+
+def default_callbacks(config: TrainConfig) -> list[Callback]:
+    """What every run does: metrics.jsonl, the epoch line, the curves, and (unless turned off) TensorBoard summaries."""
+    return [MetricsFile(), EpochLog(), TrainingCurves(), *([TensorBoardSummaries()] if config.tensorboard else [])]
 
 
 def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
@@ -174,7 +181,8 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResul
         distributed.barrier("cifar_jax:run-checked")  # every process has read the workdir before it changes
         if parallel.is_main_process():  # only now that the workdir is known to hold this run
             rundir.write_config(workdir, config)
-        loop = EpochLoop(config, dataset, devices, manager, graphdef, optimizer, [*default_callbacks(), *callbacks])
+        loop = EpochLoop(config, dataset, devices, manager, graphdef, optimizer,
+                         [*default_callbacks(config), *callbacks])
         with stop_requests() as stop:
             return loop.run(state, running, position, stop, run_started)
 
@@ -193,14 +201,23 @@ class EpochLoop:
                                           config.tta_flip, config.kernels)
         self.train_arrays = devices.replicate((dataset.train_images, dataset.train_labels))
         self.show_progress = config.progress and parallel.is_main_process()
+        step_range = profile_step_range(config.profile_steps) if config.profile_steps else None
+        self.trace = StepTrace(step_range, Path(config.workdir) / rundir.PROFILE_SUBDIR)
 
     def run(self, state: TrainState, running: dict, position: RunPosition, stop: dict,
             run_started: Optional[float]) -> TrainResult:
         self.state, self.running = self.devices.replicate((state, running))
         self.run_started = run_started
+        start_step = position.epoch * self.steps_per_epoch + position.step_in_epoch
         run = TrainingRun(self.config, Path(self.config.workdir), self.steps_per_epoch, list(position.history),
-                          parallel.is_main_process())
+                          parallel.is_main_process(), start_step)
         call_all(self.callbacks, "on_train_start", run)
+        try:
+            return self._epochs(run, position, stop)
+        finally:
+            self.trace.stop(self.state)
+
+    def _epochs(self, run: TrainingRun, position: RunPosition, stop: dict) -> TrainResult:
         for epoch in range(position.epoch, self.config.epochs):
             first_step = position.step_in_epoch if epoch == position.epoch else 0
             steps_done, stop_signal = self._train_epoch(run, epoch, first_step, stop)
@@ -234,9 +251,11 @@ class EpochLoop:
         steps_done, stop_signal = first_step, None
         for step_in_epoch in range(first_step, self.steps_per_epoch):
             batch = order[step_in_epoch * config.batch_size:(step_in_epoch + 1) * config.batch_size]
+            self.trace.before_step(epoch * self.steps_per_epoch + step_in_epoch)
             self.state, self.running = self.train_step(self.state, self.running, *self.train_arrays,
                                                        devices.split(batch))
             steps_done = step_in_epoch + 1
+            self.trace.after_step(epoch * self.steps_per_epoch + steps_done, self.state)
             devices.wait_every_few_programs(steps_done, self.state)
             self._report_first_step()
             bar.update(1)

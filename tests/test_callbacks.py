@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from cifar_jax import Callback, TrainConfig, train
-from cifar_jax.callbacks import default_callbacks, epoch_line
+from cifar_jax.callbacks import epoch_line
+from cifar_jax.train import default_callbacks
 from cifar_jax.optim import learning_rate_schedule
 from learnable import class_coloured_dataset
 
@@ -86,7 +87,9 @@ def test_each_epoch_records_the_learning_rate_of_its_last_step(tmp_path, learnab
 
 
 def test_the_built_in_callbacks_write_the_metrics_the_line_and_the_curves(tmp_path, learnable_data, capsys):
-    assert [type(c).__name__ for c in default_callbacks()] == ["MetricsFile", "EpochLog", "TrainingCurves"]
+    names = ["MetricsFile", "EpochLog", "TrainingCurves"]
+    assert [type(c).__name__ for c in default_callbacks(TrainConfig())] == names + ["TensorBoardSummaries"]
+    assert [type(c).__name__ for c in default_callbacks(TrainConfig(tensorboard=False))] == names
     result = train(quick_config(tmp_path, epochs=1))
     assert epoch_line(result.history[0]) in capsys.readouterr().out.splitlines()
     assert (result.workdir / "plots" / "training_curves.png").stat().st_size > 1000
