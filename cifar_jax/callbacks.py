@@ -1,7 +1,8 @@
 """Hooks the training loop calls as a run goes: at its start, every few dozen steps, after each epoch and at its end.
 
 Everything a run does beside training lives here, outside the loop and outside jitted code: writing
-metrics.jsonl, the epoch's line on the terminal, the training curves. Summaries and pruning plug in the same way.
+metrics.jsonl, the epoch's line on the terminal, the training curves; TensorBoard summaries (summaries.py) plug in
+the same way, and so can a sweep's pruning.
 The yardsticks are Keras's callbacks and Lightning's `Callback`; this is the small part of them a run needs:
 
     class StopBelow(Callback):
@@ -38,7 +39,8 @@ class TrainingRun:
 
     def request_stop(self, reason: str) -> None:
         """End the run cleanly after the current epoch: a checkpoint is saved and the result's `stopped_by` says
-        why. Asked from on_train_progress, the run still finishes its epoch first."""
+        why. Asked from on_train_progress, the run still finishes its epoch first; asked in the last epoch, the run
+        simply finishes."""
         self.stop_reason = self.stop_reason or reason
 
 
@@ -56,7 +58,8 @@ class Callback:
         learning_rate, epoch_seconds, images_per_second)."""
 
     def on_train_end(self, run: TrainingRun) -> None:
-        """When the run returns: finished, stopped by a callback, or interrupted (after its checkpoint is saved)."""
+        """When the run ends, however it ends: finished, stopped by a callback, interrupted (after its checkpoint is
+        saved), or by an error (then this hook's own errors are ignored and the run's error is raised)."""
 
 
 class MetricsFile(Callback):
@@ -98,3 +101,16 @@ def epoch_line(metrics: dict) -> str:
 def call_all(callbacks: Sequence[Callback], hook: str, *args) -> None:
     for callback in callbacks:
         getattr(callback, hook)(*args)
+
+
+def end_all(callbacks: Sequence[Callback], run: TrainingRun, failing: bool) -> None:
+    """on_train_end of every callback, even when one of them fails (each may hold a file open); the first failure is
+    raised after all have run, unless the run is already failing with an error of its own."""
+    first_error = None
+    for callback in callbacks:
+        try:
+            callback.on_train_end(run)
+        except Exception as error:
+            first_error = first_error or error
+    if first_error is not None and not failing:
+        raise first_error

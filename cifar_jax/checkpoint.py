@@ -25,6 +25,7 @@ from orbax.checkpoint import checkpoint_managers
 
 from cifar_jax import distributed, parallel, rundir
 from cifar_jax.config import TrainConfig, is_whole_number
+from cifar_jax.data import CIFAR10_MEAN, CIFAR10_STD, CLASS_NAMES, Cifar10
 from cifar_jax.errors import CheckpointError, CheckpointSaveError, CifarJaxError, first_line
 
 BEST_METRIC = "test_accuracy"
@@ -71,10 +72,7 @@ def package_versions() -> dict[str, str]:
 
 def checkpoint_dir(workdir_or_checkpoints: str | Path) -> Path:
     """For evaluate and predict: accept either a run's workdir or its checkpoints/ folder."""
-    path = Path(workdir_or_checkpoints).expanduser().absolute()
-    if path.name == rundir.CHECKPOINTS_SUBDIR and not (path / rundir.CHECKPOINTS_SUBDIR).exists():
-        return path
-    return path / rundir.CHECKPOINTS_SUBDIR
+    return rundir.run_folder_of(workdir_or_checkpoints) / rundir.CHECKPOINTS_SUBDIR
 
 
 def _best_metric(metrics: dict) -> float:
@@ -187,6 +185,23 @@ def _check_finite(params: Any, step: int) -> None:
         raise ValueError(f"checkpoint {step} holds non-finite parameters")
 
 
+def run_metadata(config: TrainConfig, dataset: Cifar10, epoch: int, step_in_epoch: int, history: list[dict]) -> dict:
+    """What a checkpoint records of its run, so evaluate and predict need nothing but the folder."""
+    return {
+        "model": config.model,
+        "config": config.to_dict(),
+        "class_names": list(CLASS_NAMES),
+        "normalization": {"scale": 1 / 255, "standardize": config.standardize,
+                          "mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD)},
+        "epoch": epoch,  # epochs finished
+        "step_in_epoch": step_in_epoch,  # steps of the next epoch already taken (mid-epoch saves)
+        "metrics": history[-1] if history and step_in_epoch == 0 else None,
+        "history": history,
+        "data_source": dataset.source,
+        "data_fingerprint": dataset.fingerprint,
+    }
+
+
 def read_metadata(manager: ocp.CheckpointManager, step: int) -> dict:
     restored = manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
     return checked_metadata(restored["metadata"])
@@ -211,8 +226,8 @@ def checked_metadata(metadata: Any) -> dict:
     if not all(isinstance(row, dict) for row in metadata["history"]) or not isinstance(
             metadata["normalization"].get("standardize"), bool) or len(metadata["class_names"]) < 2:
         raise MalformedMetadata("its record's history, normalization or class names are malformed")
-    try:
-        TrainConfig.from_dict(metadata["config"]).resolved()
+    try:  # its fields, not today's bounds on their values: what an older version trained stays readable
+        TrainConfig.from_dict(metadata["config"])
     except CifarJaxError as error:
         raise MalformedMetadata(f"its record's config is not valid ({error})") from None
     return dict(metadata)

@@ -13,7 +13,7 @@ import threading
 import typing
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from cifar_jax.errors import CifarJaxError, first_line
 from cifar_jax.flags import add_dataclass_flags, given_fields
@@ -70,6 +70,11 @@ def announce_backend(stream: Optional[typing.TextIO] = None) -> None:
         warnings.warn(warning)
 
 
+def _add_decode_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--decode-workers", type=int, default=None,
+                        help="threads decoding image files (default: one per core)")
+
+
 def _add_run_evaluation_flags(parser: argparse.ArgumentParser) -> None:
     """Flags shared by `evaluate` and `plot`: which run, which checkpoint, which data, how many devices."""
     from cifar_jax.data import DATA_SOURCES
@@ -101,33 +106,47 @@ def _plot(args: argparse.Namespace) -> int:
     from cifar_jax.report import report_run
 
     announce_backend()
-    run_report = report_run(args.workdir, args.step, args.images or (), args.data_dir, args.data, args.num_devices)
+    run_report = report_run(args.workdir, args.step, args.images or (), args.data_dir, args.data, args.num_devices,
+                            args.decode_workers)
     print("\n".join(str(path) for path in run_report.plots.values()))
     print(f"report: {run_report.report}")
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
+    import contextlib
     import json
 
     from cifar_jax.errors import InputError
-    from cifar_jax.predict import Predictor
+    from cifar_jax.predict import PredictionsFile, Predictor
 
     if args.top_k < 1:
         raise InputError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.resume and not args.output:
+        raise InputError("--resume continues an --output file: give the --output of the job to finish")
     announce_backend(sys.stderr)  # stdout holds one result per file, nothing else
-    predictor = Predictor.from_checkpoint(args.workdir, args.step, batch_size=args.batch_size,
-                                          num_devices=args.num_devices)
-    failed = 0
-    for row in predictor.predict_paths(args.paths, errors="skip"):
-        failed += not row.ok
-        if args.json:
-            print(json.dumps(row.to_json(args.top_k)), flush=True)
-        elif row.ok:
-            print(f"{row.path}: " + ", ".join(f"{name} {p:.3f}" for name, p in row.top_k(args.top_k)), flush=True)
-        else:
-            print(f"cifar-jax: error: {row.error}", file=sys.stderr, flush=True)
-    return 1 if failed else 0
+    with contextlib.ExitStack() as stack:
+        output = stack.enter_context(PredictionsFile(args.output, args.top_k, args.resume)) if args.output else None
+        predictor = Predictor.from_checkpoint(args.workdir, args.step, batch_size=args.batch_size,
+                                              num_devices=args.num_devices)
+        rows = predictor.predict_paths(args.paths, errors="skip", decode_workers=args.decode_workers,
+                                       num_shards=args.num_shards, shard_index=args.shard_index,
+                                       skip=output.done if output else ())
+        counts = {"predicted": 0, "failed": 0}
+        for row in rows:
+            counts["predicted" if row.ok else "failed"] += 1
+            if output:
+                output.write(row)
+            elif args.json:
+                print(json.dumps(row.to_json(args.top_k)), flush=True)
+            elif row.ok:
+                print(f"{row.path}: " + ", ".join(f"{name} {p:.3f}" for name, p in row.top_k(args.top_k)), flush=True)
+            if not row.ok:
+                print(f"cifar-jax: error: {row.error}", file=sys.stderr, flush=True)
+    if output:
+        skipped = f", {len(output.done)} done earlier" if output.done else ""
+        print(f"{counts['predicted']} predicted, {counts['failed']} failed{skipped}: {output.path}", file=sys.stderr)
+    return 1 if counts["failed"] else 0
 
 
 def _benchmark(args: argparse.Namespace) -> int:
@@ -154,7 +173,7 @@ def _add_benchmark_parser(commands) -> None:
                     "(median of timed windows after a warm-up), seconds per 50,000-image epoch, FLOPs per image "
                     "from XLA's cost analysis, peak memory. Uses synthetic data unless --data says otherwise.")
     add_dataclass_flags(parser, TrainConfig, skip=("epochs", "workdir", "resume", "progress", "checkpoint_every",
-                                                "keep_checkpoints"))
+                                                "keep_checkpoints", "tensorboard", "profile_steps"))
     parser.set_defaults(data="synthetic")
     parser.add_argument("--epochs", dest="timed_epochs", type=float, default=1.0,
                         help="training to time, in epochs of the dataset, after warm-up (default: 1)")
@@ -247,6 +266,36 @@ class OneLineErrorParser(argparse.ArgumentParser):
         return list(dict.fromkeys(initials + prefixed + difflib.get_close_matches(typed, options, n=2)))[:3]
 
 
+def _add_predict_parser(commands) -> None:
+    predict_parser = commands.add_parser(
+        "predict", help="classify image files and folders with a trained checkpoint",
+        description="Top classes of each image (folders are walked recursively; any size is resized to 32x32). "
+                    "Exits 1 if any input could not be read, after reporting all the others.")
+    predict_parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
+    predict_parser.add_argument("--workdir", required=True, help="the training run's folder")
+    predict_parser.add_argument("--step", default="best",
+                                help="checkpoint: best (by test accuracy), latest, or a step number (default: best)")
+    predict_parser.add_argument("--top-k", type=int, default=3, help="how many top classes to show (default: 3)")
+    predict_parser.add_argument("--json", action="store_true",
+                                help="one JSON object per image: path, label, probability, top_k; or path, error")
+    predict_parser.add_argument("--batch-size", type=int, default=None,
+                                help="images per device step, all devices together (default: the backend's, CPU 256, "
+                                     "GPU/TPU 1024)")
+    predict_parser.add_argument("--num-devices", type=int, default=None,
+                                help="use only the first N local devices (default: all)")
+    _add_decode_flag(predict_parser)
+    predict_parser.add_argument("--num-shards", type=int, default=1,
+                                help="split the sorted file list into N shards (one per machine or array task)")
+    predict_parser.add_argument("--shard-index", type=int, default=0,
+                                help="which shard this job predicts, 0 ... N-1 (e.g. $SLURM_ARRAY_TASK_ID)")
+    predict_parser.add_argument("--output", metavar="FILE", default=None,
+                                help="write results to FILE as they come, JSON lines (.jsonl) or CSV (.csv), "
+                                     "flushed each line; nothing per file on stdout")
+    predict_parser.add_argument("--resume", action="store_true",
+                                help="with --output: skip the files already in FILE and append the rest")
+    predict_parser.set_defaults(handler=_predict)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cifar_jax import distributed
     from cifar_jax.config import TrainConfig
@@ -278,25 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     plot_parser.add_argument("--images", nargs="+", metavar="PATH", default=None,
                              help="image files or folders of images to classify and show with their top classes "
                                   "(the first 24)")
+    _add_decode_flag(plot_parser)
     plot_parser.set_defaults(handler=_plot)
 
-    predict_parser = commands.add_parser(
-        "predict", help="classify image files and folders with a trained checkpoint",
-        description="Top classes of each image (folders are walked recursively; any size is resized to 32x32). "
-                    "Exits 1 if any input could not be read, after reporting all the others.")
-    predict_parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
-    predict_parser.add_argument("--workdir", required=True, help="the training run's folder")
-    predict_parser.add_argument("--step", default="best",
-                                help="checkpoint: best (by test accuracy), latest, or a step number (default: best)")
-    predict_parser.add_argument("--top-k", type=int, default=3, help="how many top classes to show (default: 3)")
-    predict_parser.add_argument("--json", action="store_true",
-                                help="one JSON object per image: path, label, probability, top_k; or path, error")
-    predict_parser.add_argument("--batch-size", type=int, default=None,
-                                help="images per device step, all devices together (default: the backend's, CPU 256, "
-                                     "GPU/TPU 1024)")
-    predict_parser.add_argument("--num-devices", type=int, default=None,
-                                help="use only the first N local devices (default: all)")
-    predict_parser.set_defaults(handler=_predict)
+    _add_predict_parser(commands)
     _add_benchmark_parser(commands)
     _add_compare_parser(commands)
     parser.subcommands = commands.choices

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import time
-import typing
 from pathlib import Path
 from typing import Any, Optional
 
@@ -213,8 +212,9 @@ class TrainConfig:
     def for_devices(self, num_devices: int, default_eval_batch_size: int) -> "TrainConfig":
         """A copy with the backend's evaluation batch if none was set, checked against the device count."""
         config = self
-        if config.eval_batch_size is None:
-            config = dataclasses.replace(config, eval_batch_size=default_eval_batch_size)
+        if config.eval_batch_size is None:  # the backend's, rounded up to split over the devices
+            per_device = math.ceil(default_eval_batch_size / num_devices)
+            config = dataclasses.replace(config, eval_batch_size=per_device * num_devices)
         config.check_devices(num_devices)
         return config
 

@@ -31,7 +31,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Optiona
 import jax
 import numpy as np
 
-from cifar_jax.errors import CheckpointSaveError, CifarJaxError, ConfigError, first_line
+from cifar_jax.errors import CheckpointSaveError, CifarJaxError, ConfigError, RunFolderError, first_line
 from cifar_jax.flags import add_dataclass_flags, field_types
 
 ENV_PREFIX = "CIFAR_JAX_"
@@ -233,11 +233,12 @@ def peer_failures_as_errors(what_to_do: str) -> Iterator[None]:
 
 
 def exiting_at_once_on_stuck_threads(work: Callable[[], Any]) -> Any:
-    """`work()`; after a lost peer or a failed checkpoint write, the error line and an immediate exit: threads left
-    waiting on them (JAX's shutdown barrier, Orbax's writer) would hang a normal one."""
+    """`work()`; after a lost peer or a failed write (a checkpoint, a file of the run), the error line and an
+    immediate exit: threads left waiting (JAX's shutdown barrier, Orbax's writer, the other processes of a run in
+    their next collective) would hang a normal one."""
     try:
         return work()
-    except (PeerLostError, CheckpointSaveError) as error:
+    except (PeerLostError, CheckpointSaveError, RunFolderError) as error:
         print(f"cifar-jax: error: {error}", file=sys.stderr)
         exit_now(2)
 

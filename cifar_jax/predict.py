@@ -11,20 +11,25 @@ is reported next to the good ones instead of stopping the job.
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import csv
 import dataclasses
+import io
 import itertools
+import json
 import operator
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Collection, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 from flax import nnx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cifar_jax import checkpoint
-from cifar_jax.config import is_whole_number
+from cifar_jax.config import check_positive_integer, is_whole_number
 from cifar_jax.data import CIFAR10_MEAN, CIFAR10_STD
 from cifar_jax.errors import CheckpointError, InputError, first_line, one_line
 from cifar_jax.models import IMAGE_SHAPE, abstract_model, abstract_params
@@ -338,11 +343,55 @@ def read_image_path(path: Path) -> np.ndarray:
     return read_image_file(path)
 
 
-def _read_or_error(path: Path) -> Union[np.ndarray, InputError]:
+DecodedImage = Union[np.ndarray, InputError]
+
+
+def _read_or_error(path: Path) -> DecodedImage:
     try:
         return read_image_path(path)
     except InputError as error:
         return error
+
+
+def default_decode_workers() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def decoded_files(files: Iterable[Path], workers: Optional[int], ahead: int) -> Iterator[tuple[Path, DecodedImage]]:
+    """Each file as the model's 32x32 input (or the InputError that kept it from being read), in input order,
+    decoded on `workers` threads (default: one per core): Pillow lets go of the GIL while it decodes and resizes.
+    At most `ahead` files are decoding or decoded beyond the one handed out, so memory stays bounded whatever the
+    number of files. The arguments are checked at once; decoding starts with the first file asked for."""
+    workers = default_decode_workers() if workers is None else workers
+    check_positive_integer("decode_workers", workers)
+    return _decoded_in_order(files, workers, ahead)
+
+
+def _decoded_in_order(files: Iterable[Path], workers: int, ahead: int) -> Iterator[tuple[Path, DecodedImage]]:
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="cifar-jax-decode") as pool:
+        pending: collections.deque = collections.deque()
+        try:
+            for path in files:
+                pending.append((path, pool.submit(_read_or_error, path)))
+                if len(pending) > ahead:
+                    path, decoding = pending.popleft()
+                    yield path, decoding.result()
+            while pending:
+                path, decoding = pending.popleft()
+                yield path, decoding.result()
+        finally:  # a caller that stops early (an error, a break) leaves nothing decoding
+            for _, decoding in pending:
+                decoding.cancel()
+
+
+def shard(files: Iterable[Path], num_shards: int = 1, shard_index: int = 0) -> Iterator[Path]:
+    """Every num_shards-th file from shard_index on: N machines (or N array tasks) given the same paths each take
+    their own share, and together every file exactly once (the order is deterministic: folders are walked sorted)."""
+    check_positive_integer("num_shards", num_shards)
+    if not is_whole_number(shard_index) or not 0 <= shard_index < num_shards:
+        raise InputError(f"shard_index must be from 0 to num_shards - 1 ({num_shards - 1}), got {shard_index!r}")
+    return (path for number, path in enumerate(files) if number % num_shards == shard_index)
 
 
 def _chunks(items: Iterable, size: int) -> Iterator[list]:
@@ -452,19 +501,29 @@ class Predictor:
         return Predictions(self.probabilities(images_uint8), tuple(names), self.class_names, tuple(failures))
 
     def predict_paths(self, paths_or_directory: Union[str, os.PathLike, Iterable], batch_size: Optional[int] = None,
-                      errors: str = "skip") -> Iterator[ImagePrediction]:
+                      errors: str = "skip", decode_workers: Optional[int] = None, num_shards: int = 1,
+                      shard_index: int = 0, skip: Collection[str] = ()) -> Iterator[ImagePrediction]:
         """Stream predictions for files and folders (walked recursively), one result per file, in order.
 
-        Files are read `batch_size` at a time; while the devices work on one chunk the next is decoded.
-        errors="skip" (default) yields a result with `error` set for a bad file and goes on; "raise" yields the
-        results of the files before it, then raises its InputError.
+        Files are decoded on `decode_workers` threads (default: every core) up to two batches ahead, while the
+        devices work on the batch before; `batch_size` files go to the devices at a time. With `num_shards`, only
+        this shard's share of the files (see `shard`); files named in `skip` (their paths as results give them) are
+        left out. errors="skip" (default) yields a result with `error` set for a bad file and goes on; "raise" yields
+        the results of the files before it, then raises its InputError.
         """
-        _check_errors_mode(errors)
+        _check_errors_mode(errors)  # checked now, not when the first result is asked for
         if batch_size is not None:
             check_batch_size(batch_size)
+        batch_size = batch_size or self.batch_size
+        files = shard(image_files(paths_or_directory), num_shards, shard_index)
+        if skip:
+            files = (path for path in files if str(path) not in skip)
+        decoded = decoded_files(files, decode_workers, ahead=2 * batch_size)
+        return self._predicted_files(_chunks(decoded, batch_size), errors)
+
+    def _predicted_files(self, chunks: Iterator[list], errors: str) -> Iterator[ImagePrediction]:
         previous = None
-        for chunk in _chunks(image_files(paths_or_directory), batch_size or self.batch_size):
-            decoded = [(path, _read_or_error(path)) for path in chunk]
+        for decoded in chunks:
             first_bad = next((i for i, (_, image) in enumerate(decoded) if isinstance(image, InputError)), None)
             stop_with = None
             if first_bad is not None and errors == "raise":  # every file before it still gets its result
@@ -487,3 +546,81 @@ class Predictor:
                 yield ImagePrediction(str(path), self.class_names, error=str(image))
             else:
                 yield ImagePrediction(str(path), self.class_names, probabilities=next(probabilities))
+
+
+# ---------------------------------------------------------------- results to a file, as they come
+
+
+class PredictionsFile:
+    """Results written as they come, one line each, flushed at once: JSON lines (`.jsonl`/`.json`) or CSV (`.csv`).
+
+    A job killed midway keeps every line it wrote; `resume=True` reads them back so a rerun skips those files and
+    appends the rest (a line cut short by the kill is dropped first). An existing file is never overwritten, and
+    none is created before the first result is written.
+    """
+
+    CSV_COLUMNS = ("path", "label", "probability", "top_k", "error")
+
+    def __init__(self, path: Union[str, os.PathLike], top_k: int = 3, resume: bool = False):
+        self.path, self.top_k = Path(path), top_k
+        self.kind = self._kind(self.path)
+        if self.path.exists() and not resume:
+            raise InputError(f"{self.path} already exists: add --resume to finish it, or choose another --output")
+        self.done = self._finished_paths() if resume and self.path.exists() else set()
+        self.file = self.csv = None
+
+    @staticmethod
+    def _kind(path: Path) -> str:
+        suffix = path.suffix.lower()
+        if suffix not in (".jsonl", ".json", ".csv"):
+            raise InputError(f"--output {path}: name it .jsonl (JSON lines) or .csv")
+        return "csv" if suffix == ".csv" else "jsonl"
+
+    def _finished_paths(self) -> set[str]:
+        try:
+            data = self.path.read_bytes()
+            complete = data[:data.rfind(b"\n") + 1]  # a line the kill cut short is dropped, and written again
+            text = complete.decode()
+            if len(complete) != len(data):
+                with open(self.path, "r+b") as file:
+                    file.truncate(len(complete))
+            if self.kind == "csv":
+                return {row["path"] for row in csv.DictReader(io.StringIO(text, newline="")) if row.get("path")}
+            return {json.loads(line)["path"] for line in text.splitlines() if line.strip()}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+            raise InputError(f"{self.path} is not a readable file of earlier results ({one_line(error)}): choose "
+                             "another --output") from None
+
+    def write(self, result: ImagePrediction) -> None:
+        if self.file is None:
+            self._open()
+        record = result.to_json(self.top_k)
+        if self.csv is None:
+            self.file.write(json.dumps(record) + "\n")
+        else:
+            top = ";".join(f"{name}:{p}" for name, p in record.get("top_k", []))
+            self.csv.writerow([record["path"], record.get("label", ""), record.get("probability", ""), top,
+                               record.get("error", "")])
+        self.file.flush()
+
+    def _open(self) -> None:
+        new = not self.path.exists()
+        try:
+            self.file = open(self.path, "a", newline="")
+        except OSError as error:
+            raise InputError(f"cannot write {self.path} ({error.strerror or one_line(error)}): choose another "
+                             "--output") from None
+        if self.kind == "csv":
+            self.csv = csv.writer(self.file)
+            if new:
+                self.csv.writerow(self.CSV_COLUMNS)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+    def __enter__(self) -> "PredictionsFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

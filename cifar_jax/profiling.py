@@ -31,6 +31,9 @@ class StepTrace:
     def stop(self, latest: Any) -> None:
         """End the trace (if one is running) once the device has finished the traced steps."""
         if self.active:
-            jax.block_until_ready(latest)
+            try:
+                jax.block_until_ready(latest)
+            except Exception:  # a step that failed mid-trace (its donated state gone): the trace still ends
+                pass
             jax.profiler.stop_trace()
             self.active, self.done = False, True

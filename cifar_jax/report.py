@@ -15,7 +15,7 @@ from cifar_jax import plots, rundir, summaries
 from cifar_jax.errors import InputError
 from cifar_jax.evaluate import EvaluationResult, dataset_for, evaluate_restored, restore_run
 from cifar_jax.models import count_params
-from cifar_jax.predict import Predictor, image_files, read_image_path
+from cifar_jax.predict import Predictor, decoded_files, image_files
 
 # One row of the new-images plot each; more would make a figure too tall to read.
 MAX_PLOTTED_PHOTOS = 24
@@ -40,21 +40,19 @@ class RunReport:
 # ---------------------------------------------------------------- inputs
 
 
-def predict_photos(workdir: Path, step: int, paths: Sequence[str | Path],
-                   num_devices: Optional[int] = None) -> Optional[PhotoPredictions]:
-    """The checkpoint's class probabilities for image files (folders walked, like `predict`), with the 32x32 images
-    the model saw: the first MAX_PLOTTED_PHOTOS that can be read (a warning names each one that cannot); None if
-    none can."""
+def predict_photos(workdir: Path, step: int, paths: Sequence[str | Path], num_devices: Optional[int] = None,
+                   decode_workers: Optional[int] = None) -> Optional[PhotoPredictions]:
+    """The checkpoint's class probabilities for image files (folders walked, like `predict`, decoded on every core),
+    with the 32x32 images the model saw: the first MAX_PLOTTED_PHOTOS that can be read (a warning names each one that
+    cannot); None if none can."""
     readable, names = [], []
-    for path in image_files(paths):
+    for path, image in decoded_files(image_files(paths), decode_workers, ahead=MAX_PLOTTED_PHOTOS):
         if len(readable) == MAX_PLOTTED_PHOTOS:
             warnings.warn(f"--images: plotting the first {MAX_PLOTTED_PHOTOS} images; `cifar-jax predict` "
                           "classifies them all")
             break
-        try:
-            image = read_image_path(path)
-        except InputError as error:
-            warnings.warn(f"--images: left out {error}")
+        if isinstance(image, InputError):
+            warnings.warn(f"--images: left out {image}")
             continue
         readable.append(image)
         names.append(path.name)
@@ -172,7 +170,7 @@ def report_markdown(workdir: Path, metadata: dict, result: EvaluationResult, his
 
 def report_run(workdir: str | Path, step: str | int = "best", image_paths: Sequence[str | Path] = (),
                data_dir: Optional[str] = None, data: Optional[str] = None,
-               num_devices: Optional[int] = None) -> RunReport:
+               num_devices: Optional[int] = None, decode_workers: Optional[int] = None) -> RunReport:
     """Evaluate a checkpoint, draw all plots into WORKDIR/plots/ and write WORKDIR/report.md."""
     workdir = Path(workdir).expanduser().absolute()
     restored = restore_run(workdir, step)
@@ -180,7 +178,7 @@ def report_run(workdir: str | Path, step: str | int = "best", image_paths: Seque
     dataset = dataset_for(metadata, data_dir, data)
     result = evaluate_restored(restored, dataset, num_devices)
     history = rundir.read_history(workdir, metadata.get("history") or [])
-    photos = predict_photos(workdir, restored.step, image_paths, num_devices) if image_paths else None
+    photos = predict_photos(workdir, restored.step, image_paths, num_devices, decode_workers) if image_paths else None
     plot_paths = draw_plots(workdir / rundir.PLOTS_SUBDIR, history, result, dataset.test_images, metadata.get("epoch"), photos)
     report = workdir / rundir.REPORT_FILE
     rundir.write_text_atomically(report, report_markdown(workdir, metadata, result, history, plot_paths) + "\n")

@@ -58,6 +58,14 @@ def tensorboard_dir(workdir: str | os.PathLike) -> Path:
     return Path(workdir) / TENSORBOARD_SUBDIR
 
 
+def run_folder_of(location: str | os.PathLike) -> Path:
+    """The run folder of a workdir, its checkpoints/ folder or one checkpoint's folder (what evaluate accepts)."""
+    path = Path(location).expanduser().absolute()
+    if path.name.isdigit() and path.parent.name == CHECKPOINTS_SUBDIR:
+        return path.parent.parent
+    return path.parent if path.name == CHECKPOINTS_SUBDIR and not (path / CHECKPOINTS_SUBDIR).exists() else path
+
+
 # ---------------------------------------------------------------- files
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -17,6 +18,7 @@ import numpy as np
 
 from cifar_jax import rundir
 from cifar_jax.callbacks import Callback, TrainingRun
+from cifar_jax.errors import RunFolderError, one_line
 
 HPARAMS_RUN = "hparams"  # the sub-run TensorBoard's HParams table reads, one per training run
 EPOCH_SCALARS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "learning_rate", "images_per_second",
@@ -29,7 +31,10 @@ def summary_writer(logdir: Path, purge_step: Optional[int] = None):
 
     # Event files are named by the second they were opened in: two writers opened in the same second (a quick
     # resume, the hparams row) would overwrite each other's file without a suffix of their own.
-    return SummaryWriter(str(logdir), purge_step=purge_step, flush_secs=10, filename_suffix=f".{time.time_ns()}")
+    try:
+        return SummaryWriter(str(logdir), purge_step=purge_step, flush_secs=10, filename_suffix=f".{time.time_ns()}")
+    except OSError as error:  # a file where the folder goes, no permission, a full disk
+        rundir.raise_unwritable(logdir, error)
 
 
 class TensorBoardSummaries(Callback):
@@ -95,11 +100,16 @@ def write_hparams(logdir: Path, config: Mapping[str, Any], history: list[dict]) 
 
 
 def write_images(workdir: Path, step: int, pngs: Mapping[str, Path]) -> None:
-    """PNG files (the evaluation's confusion matrix, its test images with predictions) as images at `step`."""
+    """PNG files (the evaluation's confusion matrix, its test images with predictions) as images at `step`, in the
+    run folder of `workdir` (which may name its checkpoints/ or one checkpoint). Reading a run must not fail for
+    want of a summary: a folder that cannot take them gets a warning instead."""
     from PIL import Image
 
-    with summary_writer(rundir.tensorboard_dir(workdir)) as writer:
-        for name, path in pngs.items():
-            with Image.open(path) as image:
-                pixels = np.asarray(image.convert("RGB"))
-            writer.add_image(f"evaluation/{name}", pixels, step, dataformats="HWC")
+    try:
+        with summary_writer(rundir.tensorboard_dir(rundir.run_folder_of(workdir))) as writer:
+            for name, path in pngs.items():
+                with Image.open(path) as image:
+                    pixels = np.asarray(image.convert("RGB"))
+                writer.add_image(f"evaluation/{name}", pixels, step, dataformats="HWC")
+    except (OSError, RunFolderError) as error:
+        warnings.warn(f"no TensorBoard images written: {one_line(error)}")

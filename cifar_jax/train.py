@@ -20,9 +20,9 @@ import numpy as np
 from tqdm import tqdm
 
 from cifar_jax import checkpoint, distributed, optim, parallel, rundir
-from cifar_jax.callbacks import Callback, EpochLog, MetricsFile, TrainingCurves, TrainingRun, call_all
+from cifar_jax.callbacks import Callback, EpochLog, MetricsFile, TrainingCurves, TrainingRun, call_all, end_all
 from cifar_jax.config import MAX_TOTAL_STEPS, TrainConfig, conflicting_fields, profile_step_range
-from cifar_jax.data import CIFAR10_MEAN, CIFAR10_STD, CLASS_NAMES, Cifar10, load_cifar10
+from cifar_jax.data import Cifar10, load_cifar10
 from cifar_jax.errors import CheckpointError, ConfigError, TrainingDivergedError
 from cifar_jax.models import init_params
 from cifar_jax.summaries import TensorBoardSummaries
@@ -78,23 +78,6 @@ def stop_requests() -> Iterator[dict]:
         yield requested
 
 
-def checkpoint_metadata(config: TrainConfig, dataset: Cifar10, position: RunPosition) -> dict:
-    history = position.history
-    return {
-        "model": config.model,
-        "config": config.to_dict(),
-        "class_names": list(CLASS_NAMES),
-        "normalization": {"scale": 1 / 255, "standardize": config.standardize,
-                          "mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD)},
-        "epoch": position.epoch,  # epochs finished
-        "step_in_epoch": position.step_in_epoch,  # steps of the next epoch already taken (mid-epoch saves)
-        "metrics": history[-1] if history and position.step_in_epoch == 0 else None,
-        "history": history,
-        "data_source": dataset.source,
-        "data_fingerprint": dataset.fingerprint,
-    }
-
-
 def restore_or_init(config: TrainConfig, manager, optimizer, dataset: Cifar10) -> tuple[Any, TrainState, dict,
                                                                                           RunPosition]:
     """The newest good checkpoint's state and position, or a fresh start."""
@@ -102,6 +85,7 @@ def restore_or_init(config: TrainConfig, manager, optimizer, dataset: Cifar10) -
     state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
     running = empty_running_metrics()
     if not manager.all_steps():
+        refuse_fresh_start_over_results(config, manager)
         return graphdef, state, running, RunPosition()
 
     def check_same_run(saved: dict) -> None:
@@ -123,14 +107,20 @@ def restore_or_init(config: TrainConfig, manager, optimizer, dataset: Cifar10) -
     template = {"opt_state": state.opt_state, "step": state.step, "running": running}
     restored = checkpoint.restore_newest_good(manager, params, jax.device_get(template), check_same_run)
     if restored is None:
-        if rundir.read_history(config.workdir):  # never a fresh run over a folder that holds results
-            raise CheckpointError(f"no checkpoint in {manager.directory} could be read (moved to "
-                                  f"{rundir.CORRUPT_CHECKPOINTS_SUBDIR}/), and {config.workdir} holds results: they "
-                                  "are kept; train into a new --workdir")
+        refuse_fresh_start_over_results(config, manager)
         return graphdef, state, running, RunPosition()
     meta, saved = restored.metadata, restored.train_state
     state = TrainState(restored.params, saved["opt_state"], jnp.asarray(saved["step"], jnp.int32))
     return graphdef, state, saved["running"], RunPosition(meta["epoch"], meta["step_in_epoch"], meta["history"])
+
+
+def refuse_fresh_start_over_results(config: TrainConfig, manager) -> None:
+    """A run folder with results but no usable checkpoint (all unreadable, or only a save a kill cut short) is not
+    trained afresh: that would overwrite its metrics."""
+    if rundir.read_history(config.workdir):
+        raise CheckpointError(f"no usable checkpoint in {manager.directory} (unreadable ones are moved to "
+                              f"{rundir.CORRUPT_CHECKPOINTS_SUBDIR}/), and {config.workdir} holds results: they are "
+                              "kept; train into a new --workdir")
 
 
 def prepared_run(config: TrainConfig) -> tuple[TrainConfig, parallel.DeviceSet, Cifar10, bool]:
@@ -213,9 +203,14 @@ class EpochLoop:
                           parallel.is_main_process(), start_step)
         call_all(self.callbacks, "on_train_start", run)
         try:
-            return self._epochs(run, position, stop)
-        finally:
+            result = self._epochs(run, position, stop)
+        except BaseException:
             self.trace.stop(self.state)
+            end_all(self.callbacks, run, failing=True)
+            raise
+        self.trace.stop(self.state)
+        end_all(self.callbacks, run, failing=False)
+        return result
 
     def _epochs(self, run: TrainingRun, position: RunPosition, stop: dict) -> TrainResult:
         for epoch in range(position.epoch, self.config.epochs):
@@ -309,7 +304,8 @@ class EpochLoop:
         host_state = parallel.unreplicate(self.state)
         train_state = {"opt_state": host_state.opt_state, "step": host_state.step,
                        "running": parallel.unreplicate(self.running)}
-        meta = checkpoint_metadata(self.config, self.dataset, position)
+        meta = checkpoint.run_metadata(self.config, self.dataset, position.epoch, position.step_in_epoch,
+                                       position.history)
         checkpoint.save(self.manager, int(host_state.step), host_state.params, train_state, meta, metrics)
 
     def _stopped(self, run: TrainingRun, stop_signal: str, epoch: int, steps_done: int) -> TrainResult:
@@ -320,7 +316,6 @@ class EpochLoop:
         return self._result(run, interrupted=True, stopped_by=stop_signal)
 
     def _result(self, run: TrainingRun, interrupted: bool = False, stopped_by: Optional[str] = None) -> TrainResult:
-        call_all(self.callbacks, "on_train_end", run)
         params = parallel.unreplicate(self.state).params
         return TrainResult(run.history, run.workdir, params, interrupted, stopped_by)
 

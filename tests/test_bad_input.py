@@ -6,8 +6,6 @@ import dataclasses
 import errno
 import importlib
 import json
-import math
-import os
 import shutil
 import signal
 import subprocess
@@ -15,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -48,7 +45,8 @@ def checks_only(monkeypatch):
 
 
 @pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(TrainConfig)])
-def test_every_config_field_refuses_wrong_values_with_our_own_error(field, tmp_path, checks_only):
+def test_every_config_field_refuses_wrong_values_with_our_own_error(field, tmp_path, checks_only, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     for number, value in enumerate(WRONG_VALUES):
         workdir = tmp_path / f"run{number}"
         values = {"workdir": str(workdir), "batch_size": 8, "epochs": 1, "progress": False, field: value}
@@ -63,7 +61,8 @@ def test_every_config_field_refuses_wrong_values_with_our_own_error(field, tmp_p
 
 
 @pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(TrainConfig)])
-def test_every_flag_refuses_wrong_values_in_one_line(field, tmp_path, checks_only, capsys):
+def test_every_flag_refuses_wrong_values_in_one_line(field, tmp_path, checks_only, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a value given to --workdir (or an empty one: checkpoints/...) lands in here
     flag = "--" + field.replace("_", "-")
     for number, value in enumerate(["[1]", "-5", "1e400", "x", "nan", str(10**30), ""]):
         status = run_cli_in_process(["train", "--workdir", str(tmp_path / f"run{number}"), flag, value])

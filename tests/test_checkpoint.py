@@ -109,13 +109,25 @@ def test_a_corrupt_only_checkpoint_is_set_aside_and_the_runs_results_are_kept(tm
         if data_file.is_file() and data_file.stat().st_size > 0:
             data_file.write_bytes(data_file.read_bytes()[:10])
     with pytest.warns(UserWarning, match="falling back to the start: there is no earlier one$"):
-        with pytest.raises(CheckpointError, match=r"no checkpoint .* could be read \(moved to corrupt_checkpoints/\)"
-                                                  r", and .* holds results: they are kept; train into a new --workdir"):
+        with pytest.raises(CheckpointError, match=r"no usable checkpoint .* \(unreadable ones are moved to "
+                                                  r"corrupt_checkpoints/\), and .* holds results: they are kept"):
             train(config)
     assert (fresh.workdir / "metrics.jsonl").read_text() == metrics  # not overwritten by a fresh run
     assert len(list((fresh.workdir / "corrupt_checkpoints").iterdir())) == 1  # kept aside, not deleted
     again = train(dataclasses.replace(config, workdir=str(tmp_path / "new")))
     np.testing.assert_array_equal(flat(again.params), flat(fresh.params))
+
+
+def test_a_save_cut_short_before_the_first_checkpoint_does_not_let_a_fresh_run_over_results(tmp_path,
+                                                                                          learnable_data):
+    config = quick_config(tmp_path, epochs=1)
+    first = train(config)
+    for step in (first.workdir / "checkpoints").iterdir():  # as if kill -9 had struck the first save
+        step.rename(step.with_name(f"{step.name}.orbax-checkpoint-tmp-1"))
+    metrics = (first.workdir / "metrics.jsonl").read_text()
+    with pytest.raises(CheckpointError, match="no usable checkpoint .* holds results: they are kept"):
+        train(config)
+    assert (first.workdir / "metrics.jsonl").read_text() == metrics
 
 
 def test_a_run_whose_config_json_is_gone_is_not_overwritten_by_another_run(tmp_path, learnable_data):
@@ -164,7 +176,8 @@ def test_resuming_on_other_data_is_refused_but_the_same_data_read_elsewhere_resu
 
 def test_a_workdir_named_checkpoints_keeps_its_checkpoints_inside(tmp_path, learnable_data):
     result = train(quick_config(tmp_path, epochs=1, workdir=str(tmp_path / "checkpoints")))
-    assert sorted(p.name for p in result.workdir.iterdir()) == ["checkpoints", "config.json", "metrics.jsonl", "plots"]
+    assert sorted(p.name for p in result.workdir.iterdir()) == ["checkpoints", "config.json", "metrics.jsonl", "plots",
+                                                                "tensorboard"]
     restored = checkpoint.restore_for_inference(result.workdir, "latest", abstract_params)
     np.testing.assert_array_equal(flat(restored.params), flat(result.params))
 

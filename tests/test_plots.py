@@ -11,7 +11,6 @@ from cifar_jax import cli, plots
 from cifar_jax import report as report_module
 from cifar_jax.data import CLASS_NAMES
 from cifar_jax.evaluate import confusion_matrix, evaluate
-from cifar_jax.errors import InputError
 from cifar_jax.report import predict_photos, report_markdown
 from cifar_jax.rundir import PLOT_FILES
 from learnable import class_coloured_dataset

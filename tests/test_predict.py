@@ -330,7 +330,8 @@ def test_folders_are_streamed_not_read_whole(predictor, photo_folder):
 
     rows = predictor.predict_paths(listing(), batch_size=4)
     first = next(rows)
-    assert first.ok and len(taken) <= 12  # at most the first chunk, the next one and one more file read
+    # At most the first chunk, the next one (decoded while the devices work) and two chunks decoding ahead.
+    assert first.ok and len(taken) <= 17
     assert len(list(rows)) == 49 and len(taken) == 50
 
 
@@ -373,3 +374,99 @@ def test_cli_human_output_is_one_line_per_image(run, photo_folder, capsys):
     status = cli.main(["predict", "--workdir", str(run.workdir), str(photo_folder / "nope.png"), files[0]])
     captured = capsys.readouterr()
     assert status == 1 and captured.out.startswith(files[0]) and "nope.png: no such file" in captured.err
+
+
+# ---------------------------------------------------------------- many files: cores, shards, output files
+
+
+@pytest.fixture(scope="module")
+def many_photos(tmp_path_factory, few_colour_image):
+    """40 files of several kinds and sizes, and one corrupt file among them."""
+    folder = tmp_path_factory.mktemp("many")
+    rng = np.random.default_rng(0)
+    for index in range(40):
+        size = (32 + 7 * index, 24 + 5 * index)
+        picture = np.asarray(Image.fromarray(few_colour_image).resize(size)) ^ rng.integers(0, 40, (*size[::-1], 3),
+                                                                                             dtype=np.uint8)
+        Image.fromarray(picture).save(folder / f"{index:03d}.{('png', 'jpg', 'bmp')[index % 3]}")
+    (folder / "017.bmp").write_bytes(b"BM cut short")
+    return folder
+
+
+def test_results_are_the_same_in_the_same_order_with_one_or_several_decode_workers(predictor, many_photos):
+    one = list(predictor.predict_paths(many_photos, decode_workers=1))
+    several = list(predictor.predict_paths(many_photos, decode_workers=4))
+    assert [row.path for row in one] == [row.path for row in several] == [str(p) for p in sorted(many_photos.iterdir())]
+    assert [row.ok for row in several].count(False) == 1 and not several[17].ok and "017.bmp" in several[17].error
+    for first, second in zip(one, several):
+        assert first.error == second.error
+        if first.ok:
+            np.testing.assert_array_equal(first.probabilities, second.probabilities)
+
+
+def test_shards_are_disjoint_and_cover_every_file_once(predictor, many_photos):
+    everything = [row.path for row in predictor.predict_paths(many_photos)]
+    shards = [[row.path for row in predictor.predict_paths(many_photos, num_shards=3, shard_index=index)]
+              for index in range(3)]
+    assert sorted(path for shard in shards for path in shard) == sorted(everything)
+    assert len(set().union(*map(set, shards))) == len(everything) == 40
+    assert all(13 <= len(shard) <= 14 for shard in shards)
+    with pytest.raises(InputError, match="shard_index must be from 0 to num_shards - 1 \\(2\\), got 3"):
+        list(predictor.predict_paths(many_photos, num_shards=3, shard_index=3))
+
+
+@pytest.mark.parametrize("count", [200, 2000])
+def test_images_held_in_memory_stay_bounded_whatever_the_number_of_files(predictor, few_colour_image, tmp_path,
+                                                                         monkeypatch, count):
+    """Decoded images waiting for the devices are bounded by a few batches, for 200 files as for 2,000."""
+    Image.fromarray(few_colour_image).save(tmp_path / "one.png")
+    predict_module = importlib.import_module("cifar_jax.predict")
+    decode = predict_module._read_or_error
+    state = {"decoded": 0, "handed_out": 0, "peak": 0}
+
+    def counting_decode(path):
+        image = decode(path)
+        state["decoded"] += 1
+        state["peak"] = max(state["peak"], state["decoded"] - state["handed_out"])
+        return image
+
+    monkeypatch.setattr(predict_module, "_read_or_error", counting_decode)
+    for row in predictor.predict_paths([tmp_path / "one.png"] * count, batch_size=8, decode_workers=2):
+        state["handed_out"] += 1
+    assert state["handed_out"] == count
+    assert state["peak"] <= 4 * 8 + 2  # two chunks in hand, two decoding ahead, one per worker finishing
+
+
+def test_output_file_and_resume_after_a_kill_finish_every_file_once(run, many_photos, tmp_path, capsys):
+    output = tmp_path / "results.jsonl"
+    argv = ["predict", str(many_photos), "--workdir", str(run.workdir), "--batch-size", "8", "--output", str(output)]
+    assert cli.main(argv) == 1  # the corrupt file
+    complete = output.read_text().splitlines()
+    assert len(complete) == 40 and "39 predicted, 1 failed: " in capsys.readouterr().err
+    # A job killed after 11 files, in the middle of writing the 12th line:
+    output.write_text("\n".join(complete[:11]) + "\n" + complete[11][:25])
+    with pytest.raises(InputError, match="already exists: add --resume"):
+        cli_main_raising(argv)
+    assert cli.main(argv + ["--resume"]) == 1
+    lines = output.read_text().splitlines()
+    assert sorted(lines) == sorted(complete)  # every file once, the cut line written again whole
+    assert "28 predicted, 1 failed, 11 done earlier" in capsys.readouterr().err
+
+
+def cli_main_raising(argv):
+    from cifar_jax.predict import PredictionsFile
+
+    PredictionsFile(argv[argv.index("--output") + 1])
+
+
+def test_output_as_csv_has_a_row_per_file(run, many_photos, tmp_path):
+    import csv
+
+    output = tmp_path / "results.csv"
+    cli.main(["predict", str(many_photos), "--workdir", str(run.workdir), "--output", str(output),
+              "--decode-workers", "2"])
+    rows = list(csv.DictReader(output.open()))
+    assert len(rows) == 40 and rows[0].keys() == {"path", "label", "probability", "top_k", "error"}
+    assert rows[17]["error"] and not rows[0]["error"] and rows[0]["label"] in CLASS_NAMES
+    with pytest.raises(InputError, match="name it .jsonl"):
+        cli_main_raising(["--output", str(tmp_path / "results.txt")])

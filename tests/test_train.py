@@ -3,7 +3,6 @@ import dataclasses
 import importlib
 import json
 import math
-import os
 import shutil
 import threading
 import time
