@@ -86,6 +86,7 @@ def test_python_settings_must_be_whole_numbers():
         BenchmarkSettings(windows=2.5)
 
 
+@pytest.mark.slow
 def test_flops_per_image_match_a_hand_count(model0_benchmark):
     assert hand_counted_training_flops_per_image() == 8_405_760
     assert model0_benchmark["flops_per_image"] == pytest.approx(8_405_760, rel=0.10)

@@ -54,6 +54,7 @@ def test_keeps_latest_n_and_the_best_never_the_latest_deleted(tmp_path):
     manager.close()
 
 
+@pytest.mark.slow
 def test_orbax_routine_log_lines_are_dropped_and_the_absl_level_is_left_alone(tmp_path, caplog):
     from absl import logging as absl_logging
 

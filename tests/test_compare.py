@@ -153,6 +153,7 @@ def test_sigkill_mid_grid_then_rerunning_completes_it(killed_grid):
     assert metrics(second)[: len(at_kill["second_metrics"])] == at_kill["second_metrics"]  # resumed, not restarted
 
 
+@pytest.mark.slow
 def test_a_two_by_two_grid_writes_both_tables_with_a_row_per_run(killed_grid):
     out, _, _ = killed_grid
     rows = read_csv(out / "results.csv")
@@ -180,6 +181,7 @@ def test_a_two_by_two_grid_writes_both_tables_with_a_row_per_run(killed_grid):
     assert "![test accuracy and loss per epoch of every run](test_curves.png)" in markdown
 
 
+@pytest.mark.slow
 def test_rerunning_skips_every_finished_run(killed_grid, learnable_data_dir, monkeypatch, capsys):
     out, _, _ = killed_grid
     runs = sorted((out / "runs").iterdir())

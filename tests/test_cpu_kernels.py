@@ -59,6 +59,7 @@ def test_max_pool_gradient_equals_flax_max_pool_gradient_without_ties():
     np.testing.assert_array_equal(per_example(images[:, None], cotangent[:, None])[:, 0], ours)
 
 
+@pytest.mark.slow
 def test_max_pool_forward_mode_equals_flax_max_pool_without_ties():
     images = jax.random.normal(jax.random.key(0), (2, 13, 15, 4))
     tangent = jax.random.normal(jax.random.key(1), images.shape)

@@ -112,6 +112,7 @@ def linked_files(markdown):
     return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
 
 
+@pytest.mark.slow
 def test_cli_plot_draws_everything_and_the_report_links_only_existing_files(trained_run, tmp_path, capsys):
     photos = write_photos(tmp_path / "photos")
     workdir = trained_run.workdir

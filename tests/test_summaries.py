@@ -120,6 +120,7 @@ def test_no_summaries_with_tensorboard_off(tmp_path, learnable_data):
     assert not (result.workdir / "tensorboard").exists()
 
 
+@pytest.mark.slow
 def test_plot_and_evaluate_show_the_confusion_matrix_and_test_predictions(trained_run, tmp_path):
     import shutil
 

@@ -86,6 +86,7 @@ def test_epoch_order_is_a_reproducible_permutation_that_changes_per_epoch():
     assert not np.array_equal(first, epoch_order(1, 0, 100))
 
 
+@pytest.mark.slow
 def test_same_seed_reproduces_a_run_exactly(tmp_path, learnable_data):
     first = train(quick_config(tmp_path, epochs=1, workdir=str(tmp_path / "a")))
     second = train(quick_config(tmp_path, epochs=1, workdir=str(tmp_path / "b")))
@@ -129,6 +130,7 @@ def test_train_runs_in_a_thread_other_than_the_main_one(tmp_path, learnable_data
     assert len(results) == 1 and [row["epoch"] for row in results[0].history] == [1]
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_not_trained_again(tmp_path, learnable_data):
     config = quick_config(tmp_path, epochs=1)
     first = train(config)
@@ -305,6 +307,7 @@ def test_a_run_over_several_processes_needs_a_workdir(tmp_path, monkeypatch):
         train(quick_config(tmp_path, workdir=None))
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_folder_in_use_is_refused_and_writes_nothing(tmp_path, learnable_data):
     train(quick_config(tmp_path, epochs=1))
     before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
