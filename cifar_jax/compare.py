@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import hashlib
 import itertools
 import json
 import math
@@ -152,9 +153,16 @@ def read_comparison_file(path: str | Path) -> dict:
             spec = json.loads(path.read_text())
     except (OSError, ValueError, ImportError) as error:
         raise ConfigError(f"cannot read the comparison file {path}: {error}") from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path} holds a {type(spec).__name__}: expected base, grid, out and parallel as keys")
     unknown = sorted(set(spec) - {"base", "grid", "out", "parallel"})
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(unknown)} in {path}: use base, grid, out and parallel")
+    expected = {"base": dict, "grid": dict, "out": str, "parallel": bool}
+    for key, kind in expected.items():
+        if key in spec and not isinstance(spec[key], kind):
+            raise ConfigError(f"{key} in {path} is a {type(spec[key]).__name__}, not a {kind.__name__}: "
+                              + ("config fields and their values" if kind is dict else f"give a {kind.__name__}"))
     return spec
 
 
@@ -163,7 +171,9 @@ def comparison_from_options(config_file: Optional[str], overrides: Mapping[str, 
                             parallel: bool) -> tuple[TrainConfig, dict[str, list], Optional[str], bool]:
     """(base config, grid, folder, parallel) from an optional file, overridden by command-line flags and --grid."""
     spec = read_comparison_file(config_file) if config_file else {}
-    base_values = {_known_field(name): value for name, value in spec.get("base", {}).items()}
+    # Base values are one value each, of their field's type (a list belongs in the grid).
+    base_values = {_known_field(name): parse_value(_known_field(name), value)
+                   for name, value in spec.get("base", {}).items()}
     base = TrainConfig.from_dict({**base_values, **overrides})
     grid = typed_grid(spec.get("grid", {}))
     pairs = [parse_grid_option(option) for option in grid_options]
@@ -188,9 +198,16 @@ def _name_part(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]", "_", text)  # safe as a folder name everywhere
 
 
+MAX_RUN_NAME = 120  # characters of a run folder's name; filesystems allow 255 bytes
+
+
 def run_name(settings: Mapping[str, Any]) -> str:
-    """'model=model0,learning_rate=0.001': every grid setting, in grid order; 'base' for an empty grid."""
-    return ",".join(f"{field}={_name_part(value)}" for field, value in settings.items()) or "base"
+    """'model=model0,learning_rate=0.001': every grid setting, in grid order; 'base' for an empty grid. A name
+    too long for a folder keeps its start and ends in a digest of the whole, so it stays unique and stable."""
+    name = ",".join(f"{field}={_name_part(value)}" for field, value in settings.items()) or "base"
+    if len(name) <= MAX_RUN_NAME:
+        return name
+    return f"{name[:MAX_RUN_NAME - 13]}~{hashlib.sha1(name.encode()).hexdigest()[:12]}"
 
 
 def plan_runs(base: TrainConfig, grid: Mapping[str, list], out_dir: Path) -> list[Run]:
@@ -219,22 +236,46 @@ def check_out_dir(runs: Sequence[Run], out_dir: Path) -> None:
             requested = run.config.resolved()
         except ConfigError:
             continue
-        saved = rundir.saved_config(run.workdir)
-        conflicts = conflicting_fields(saved, requested) if saved is not None else []
-        if conflicts:
-            raise ConfigError(f"{out_dir} holds a comparison with other settings (run {run.name}: "
-                              f"{'; '.join(conflicts)}): use a new --out, or the settings it was run with")
+        _check_same_run(run, requested, out_dir)
     # A grid may grow (its tables then show every run), but one that leaves earlier runs out would drop their rows;
     # a run that failed before finishing an epoch (a bad value in the grid) has no results to lose.
-    earlier_table = out_dir / RESULTS_CSV
-    if earlier_table.is_file():
-        with earlier_table.open(newline="") as table:
-            with_results = {row.get("run") for row in csv.DictReader(table)
-                            if not (row.get("status") == FAILED and not row.get("train_loss"))}
-        left_out = sorted(with_results - {run.name for run in runs})
-        if left_out:
-            raise ConfigError(f"{out_dir} holds a comparison with runs this grid leaves out ({', '.join(left_out)}): "
-                              "use a new --out, or include them in the grid")
+    left_out = sorted(_earlier_runs_with_results(out_dir) - {run.name for run in runs})
+    if left_out:
+        raise ConfigError(f"{out_dir} holds a comparison with runs this grid leaves out ({', '.join(left_out)}): "
+                          "use a new --out, or include them in the grid")
+
+
+def _check_same_run(run: Run, requested: TrainConfig, out_dir: Path) -> None:
+    """The run folder holds this grid point's run, and no more epochs than are asked for now."""
+    saved = rundir.saved_config(run.workdir)
+    conflicts = conflicting_fields(saved, requested) if saved is not None else []
+    if conflicts:
+        raise ConfigError(f"{out_dir} holds a comparison with other settings (run {run.name}: "
+                          f"{'; '.join(conflicts)}): use a new --out, or the settings it was run with")
+    trained = len(rundir.read_history(run.workdir))
+    if trained > requested.epochs:
+        raise ConfigError(f"{out_dir} holds runs trained for more epochs than asked for (run {run.name}: {trained} "
+                          f"epochs, --epochs {requested.epochs}): ask for --epochs {trained} or more, or use a new "
+                          "--out")
+
+
+def _earlier_runs_with_results(out_dir: Path) -> set[str]:
+    """The runs an earlier comparison into `out_dir` holds results of: in its results.csv, or as run folders with a
+    metrics file (the table may have been deleted). A results.csv of something else is refused, not overwritten."""
+    earlier = {folder.name for folder in (out_dir / RUNS_SUBDIR).glob("*")
+               if folder.is_dir() and rundir.read_history(folder)}
+    table = out_dir / RESULTS_CSV
+    if not table.is_file():
+        return earlier
+    try:
+        with table.open(newline="") as file:
+            rows = list(csv.DictReader(file))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        rows = None
+    if rows is None or (rows and "run" not in rows[0]):
+        raise ConfigError(f"{table} is not the table of a comparison: choose another --out, so it is not "
+                          "overwritten")
+    return earlier | {row["run"] for row in rows if not (row.get("status") == FAILED and not row.get("train_loss"))}
 
 
 def read_run_record(workdir: Path) -> dict:

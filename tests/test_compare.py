@@ -299,6 +299,76 @@ def test_an_out_path_that_is_a_file_is_refused(tmp_path, capsys):
     assert (tmp_path / "notes").read_text() == "keep me"
 
 
+ROW = {"train_loss": 1.0, "train_accuracy": 0.6, "test_loss": 1.1, "test_accuracy": 0.55, "epoch_seconds": 2.0,
+       "images_per_second": 100.0}
+
+
+def finished_run(out: Path, name: str, config: TrainConfig, epochs: int) -> Path:
+    """A run folder as a finished comparison run leaves it (config, metrics, record), without training."""
+    workdir = out / "runs" / name
+    workdir.mkdir(parents=True)
+    (workdir / "config.json").write_text(json.dumps(config.resolved().to_dict()))
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, **ROW}) + "\n" for e in range(1, epochs + 1)))
+    (workdir / RUN_RECORD_FILE).write_text('{"status": "finished"}')
+    return workdir
+
+
+def files_of(folder: Path) -> dict:
+    return {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+def test_fewer_epochs_than_a_finished_comparison_trained_is_refused_before_anything_changes(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    finished_run(out, "model=model0", TrainConfig(model="model0", epochs=30), epochs=30)
+    (out / "results.csv").write_text("run,model,status,train_loss\nmodel=model0,model0,finished,1.0\n")
+    before = files_of(out)
+    assert main(["compare", "--models", "model0", "--epochs", "1", "--data", "synthetic", "--out", str(out)]) == 2
+    assert ("holds runs trained for more epochs than asked for (run model=model0: 30 epochs, --epochs 1): ask for "
+            "--epochs 30 or more") in capsys.readouterr().err
+    assert files_of(out) == before  # nothing recorded as failed, no table rewritten
+
+
+def test_an_out_whose_table_was_deleted_still_keeps_its_runs(tmp_path):
+    out = tmp_path / "cmp"
+    finished_run(out, "learning_rate=0.001", TrainConfig(model="model0", epochs=1), epochs=1)
+    before = files_of(out)
+    with pytest.raises(ConfigError, match=r"holds a comparison with runs this grid leaves out \(learning_rate=0.001\)"):
+        compare(TrainConfig(model="model0", epochs=1, data="synthetic"), {"learning_rate": [1e-2]}, out)
+    assert files_of(out) == before
+
+
+def test_a_results_csv_that_is_not_a_comparisons_is_refused_not_overwritten(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "results.csv").write_text("name,score\nalice,3\n")
+    with pytest.raises(ConfigError, match="results.csv is not the table of a comparison: choose another --out"):
+        compare(TrainConfig(model="model0", epochs=1, data="synthetic"), {"learning_rate": [1e-2]}, out)
+    assert (out / "results.csv").read_text() == "name,score\nalice,3\n"
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[1, 2]", "holds a list: expected base, grid, out and parallel as keys"),
+    ('{"base": [1]}', "base in .* is a list, not a dict"),
+    ('{"grid": "lr"}', "grid in .* is a str, not a dict"),
+    ('{"out": ["a"]}', "out in .* is a list, not a str"),
+    ('{"base": {"learning_rate": [0.1, 0.2]}}', r"learning_rate=\[0.1, 0.2\] is not a valid float"),
+])
+def test_a_comparison_file_of_the_wrong_shape_is_one_line(tmp_path, capsys, content, message):
+    (tmp_path / "sweep.json").write_text(content)
+    assert main(["compare", "--config", str(tmp_path / "sweep.json"), "--out", str(tmp_path / "cmp")]) == 2
+    error = capsys.readouterr().err
+    assert re.search(message, error) and error.count("\n") == 1, error
+
+
+def test_a_grid_over_many_fields_gets_short_stable_unique_run_names():
+    settings = {field: 0.123456789 for field in ("learning_rate", "weight_decay", "label_smoothing", "grad_clip_norm",
+                                                  "warmup_epochs")}
+    settings.update(model="model0", optimizer="adamw", lr_schedule="cosine", augment=True, cutout=8)
+    name = run_name(settings)
+    assert len(name) == 120 and name == run_name(dict(settings))
+    assert name != run_name({**settings, "cutout": 9}) and name.startswith("learning_rate=0.123456789,")
+
+
 # ---------------------------------------------------------------- scripts/reproduce_tutorial.py
 
 
