@@ -22,3 +22,7 @@ def class_coloured_dataset(num_train: int = 512, num_test: int = 100, seed: int 
         class_names=CLASS_NAMES,
         source="test: class-coloured noise",
     )
+
+
+def photo_batch(num_images: int = 8) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (num_images, 32, 32, 3)).astype(np.uint8)
