@@ -20,15 +20,21 @@ POSITIVE_KEYS = ("compile_seconds", "train_images_per_second", "epoch_seconds", 
 
 
 @pytest.fixture(scope="module")
-def model0_benchmark():
-    """A short benchmark of model0 on synthetic data, through the CLI, as parsed --json output."""
+def profile_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("profile")
+
+
+@pytest.fixture(scope="module")
+def model0_benchmark(profile_dir):
+    """A short benchmark of model0 on synthetic data, through the CLI, as parsed --json output (traced into
+    `profile_dir`)."""
     import contextlib
     import io
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         status = main(["benchmark", "--model", "model0", "--batch-size", "32", "--max-steps", "8", "--windows", "2",
-                       "--json"])
+                       "--json", "--profile", str(profile_dir)])
     assert status == 0
     return json.loads(out.getvalue())
 
@@ -84,6 +90,12 @@ def test_python_settings_must_be_whole_numbers():
 
     with pytest.raises(ConfigError, match="--windows must be a positive integer, got 2.5"):
         BenchmarkSettings(windows=2.5)
+
+
+@pytest.mark.slow
+def test_profile_writes_a_trace_of_the_timed_steps(model0_benchmark, profile_dir):
+    traces = list((profile_dir / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 1000
 
 
 @pytest.mark.slow

@@ -470,3 +470,33 @@ def test_output_as_csv_has_a_row_per_file(run, many_photos, tmp_path):
     assert rows[17]["error"] and not rows[0]["error"] and rows[0]["label"] in CLASS_NAMES
     with pytest.raises(InputError, match="name it .jsonl"):
         cli_main_raising(["--output", str(tmp_path / "results.txt")])
+
+
+@pytest.mark.slow
+def test_a_killed_predict_job_resumed_from_its_output_covers_every_file_once(run, few_colour_image, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for index in range(600):
+        Image.fromarray(np.roll(few_colour_image, index, axis=1)).save(folder / f"{index:04d}.png")
+    output = tmp_path / "out.jsonl"
+    command = [sys.executable, "-m", "cifar_jax", "predict", str(folder), "--workdir", str(run.workdir), "--output",
+               str(output), "--batch-size", "16"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while (not output.exists() or output.read_text().count("\n") < 50) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    written = output.read_text().count("\n")
+    assert 50 <= written < 600, "the kill came too late to test anything"
+    done = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    paths = [json.loads(line)["path"] for line in output.read_text().splitlines()]
+    assert sorted(paths) == sorted(str(path) for path in folder.iterdir())  # every file, each once
