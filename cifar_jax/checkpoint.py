@@ -27,6 +27,7 @@ from cifar_jax import distributed, parallel, rundir
 from cifar_jax.config import TrainConfig, is_whole_number
 from cifar_jax.data import CIFAR10_MEAN, CIFAR10_STD, CLASS_NAMES, Cifar10
 from cifar_jax.errors import CheckpointError, CheckpointSaveError, CifarJaxError, first_line
+from cifar_jax.flags import field_types
 
 BEST_METRIC = "test_accuracy"
 _VERSIONED_PACKAGES = ("cifar-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
@@ -226,11 +227,21 @@ def checked_metadata(metadata: Any) -> dict:
     if not all(isinstance(row, dict) for row in metadata["history"]) or not isinstance(
             metadata["normalization"].get("standardize"), bool) or len(metadata["class_names"]) < 2:
         raise MalformedMetadata("its record's history, normalization or class names are malformed")
-    try:  # its fields, not today's bounds on their values: what an older version trained stays readable
+    try:  # its fields and their types, not today's bounds on values: what an older version trained stays readable
         TrainConfig.from_dict(metadata["config"])
     except CifarJaxError as error:
         raise MalformedMetadata(f"its record's config is not valid ({error})") from None
+    for name, kind in field_types(TrainConfig).items():
+        value = metadata["config"].get(name)
+        if value is not None and not _is_a(value, kind):
+            raise MalformedMetadata(f"its record's config has {name}={value!r}, not a {kind.__name__}")
     return dict(metadata)
+
+
+def _is_a(value: Any, kind: type) -> bool:
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    return isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
 
 
 def resolve_step(manager: ocp.CheckpointManager, step: str | int) -> int:
@@ -297,7 +308,7 @@ def restore_for_inference(location: str | Path, step: str | int, abstract_params
     if not isinstance(location, (str, os.PathLike)):
         raise CheckpointError(f"expected the workdir of a training run (a folder path), got {location!r}")
     path = Path(location).expanduser().absolute()
-    if path.name.isdigit() and path.parent.name == rundir.CHECKPOINTS_SUBDIR:
+    if rundir.is_checkpoint_step(path):
         path, step = path.parent, int(path.name)
     path = checkpoint_dir(path)
     if not path.is_dir():

@@ -122,19 +122,23 @@ def _predict(args: argparse.Namespace) -> int:
 
     if args.top_k < 1:
         raise InputError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.output and args.json:
+        raise InputError("--json prints to stdout; with --output the file's extension (.jsonl or .csv) sets the "
+                         "format: drop --json")
     if args.resume and not args.output:
         raise InputError("--resume continues an --output file: give the --output of the job to finish")
     announce_backend(sys.stderr)  # stdout holds one result per file, nothing else
     with contextlib.ExitStack() as stack:
         output = stack.enter_context(PredictionsFile(args.output, args.top_k, args.resume)) if args.output else None
+        earlier = SkipCounter(output.done if output else {})
         predictor = Predictor.from_checkpoint(args.workdir, args.step, batch_size=args.batch_size,
                                               num_devices=args.num_devices)
         rows = predictor.predict_paths(args.paths, errors="skip", decode_workers=args.decode_workers,
-                                       num_shards=args.num_shards, shard_index=args.shard_index,
-                                       skip=output.done if output else ())
-        counts = {"predicted": 0, "failed": 0}
+                                       num_shards=args.num_shards, shard_index=args.shard_index, skip=earlier)
+        predicted = failed = 0
         for row in rows:
-            counts["predicted" if row.ok else "failed"] += 1
+            predicted += row.ok
+            failed += not row.ok
             if output:
                 output.write(row)
             elif args.json:
@@ -144,9 +148,25 @@ def _predict(args: argparse.Namespace) -> int:
             if not row.ok:
                 print(f"cifar-jax: error: {row.error}", file=sys.stderr, flush=True)
     if output:
-        skipped = f", {len(output.done)} done earlier" if output.done else ""
-        print(f"{counts['predicted']} predicted, {counts['failed']} failed{skipped}: {output.path}", file=sys.stderr)
-    return 1 if counts["failed"] else 0
+        print(f"{predicted} predicted, {failed} failed, {earlier.hits} skipped as done earlier "
+              f"({earlier.failed_hits} of them failed): {output.path}", file=sys.stderr)
+    return 1 if failed or earlier.failed_hits else 0
+
+
+class SkipCounter:
+    """The files a resumed job finds done already ({path: failed}), counting how many it skipped."""
+
+    def __init__(self, done: dict):
+        self.done, self.hits, self.failed_hits = done, 0, 0
+
+    def __contains__(self, path: str) -> bool:
+        found = path in self.done
+        self.hits += found
+        self.failed_hits += found and self.done[path]
+        return found
+
+    def __len__(self) -> int:
+        return len(self.done)
 
 
 def _benchmark(args: argparse.Namespace) -> int:

@@ -269,13 +269,14 @@ def _earlier_runs_with_results(out_dir: Path) -> set[str]:
         return earlier
     try:
         with table.open(newline="") as file:
-            rows = list(csv.DictReader(file))
+            reader = csv.DictReader(file)
+            rows, columns = list(reader), reader.fieldnames or ()
     except (OSError, UnicodeDecodeError, csv.Error):
-        rows = None
-    if rows is None or (rows and "run" not in rows[0]):
+        rows, columns = None, ()
+    if rows is None or "run" not in columns or "status" not in columns:
         raise ConfigError(f"{table} is not the table of a comparison: choose another --out, so it is not "
                           "overwritten")
-    return earlier | {row["run"] for row in rows if not (row.get("status") == FAILED and not row.get("train_loss"))}
+    return earlier | {row["run"] for row in rows if row.get("train_loss")}  # rows with results, whatever their status
 
 
 def read_run_record(workdir: Path) -> dict:

@@ -20,6 +20,7 @@ import itertools
 import json
 import operator
 import os
+import typing
 import warnings
 from pathlib import Path
 from typing import Any, Collection, Iterable, Iterator, Optional, Sequence, Union
@@ -554,9 +555,10 @@ class Predictor:
 class PredictionsFile:
     """Results written as they come, one line each, flushed at once: JSON lines (`.jsonl`/`.json`) or CSV (`.csv`).
 
-    A job killed midway keeps every line it wrote; `resume=True` reads them back so a rerun skips those files and
-    appends the rest (a line cut short by the kill is dropped first). An existing file is never overwritten, and
-    none is created before the first result is written.
+    A job killed midway keeps every line it wrote; `resume=True` reads them back so a rerun skips those files (give
+    the same paths as the first run) and appends the rest; a line the kill cut short is written again. An existing
+    file is never overwritten, none is created before the first result, and a file that is not one of earlier
+    results is refused untouched.
     """
 
     CSV_COLUMNS = ("path", "label", "probability", "top_k", "error")
@@ -566,7 +568,10 @@ class PredictionsFile:
         self.kind = self._kind(self.path)
         if self.path.exists() and not resume:
             raise InputError(f"{self.path} already exists: add --resume to finish it, or choose another --output")
-        self.done = self._finished_paths() if resume and self.path.exists() else set()
+        self.done: dict[str, bool] = {}  # path → whether its earlier result was an error
+        self._complete_bytes = None
+        if resume and self.path.exists():
+            self.done, self._complete_bytes = self._earlier_results()
         self.file = self.csv = None
 
     @staticmethod
@@ -576,48 +581,63 @@ class PredictionsFile:
             raise InputError(f"--output {path}: name it .jsonl (JSON lines) or .csv")
         return "csv" if suffix == ".csv" else "jsonl"
 
-    def _finished_paths(self) -> set[str]:
+    def _earlier_results(self) -> tuple[dict[str, bool], int]:
+        """{path: failed} of the complete lines, and their length in bytes (a line cut short is dropped later)."""
         try:
             data = self.path.read_bytes()
-            complete = data[:data.rfind(b"\n") + 1]  # a line the kill cut short is dropped, and written again
-            text = complete.decode()
-            if len(complete) != len(data):
-                with open(self.path, "r+b") as file:
-                    file.truncate(len(complete))
+            complete = data[:data.rfind(b"\n") + 1]
+            text = complete.decode("utf-8", "surrogateescape")
             if self.kind == "csv":
-                return {row["path"] for row in csv.DictReader(io.StringIO(text, newline="")) if row.get("path")}
-            return {json.loads(line)["path"] for line in text.splitlines() if line.strip()}
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
-            raise InputError(f"{self.path} is not a readable file of earlier results ({one_line(error)}): choose "
-                             "another --output") from None
+                reader = csv.DictReader(io.StringIO(text, newline=""))
+                rows = list(reader)
+                if text and tuple(reader.fieldnames or ()) != self.CSV_COLUMNS:
+                    raise ValueError(f"its columns are not {', '.join(self.CSV_COLUMNS)}")
+                return {row["path"]: bool(row["error"]) for row in rows}, len(complete)
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+            return {record["path"]: "error" in record for record in records}, len(complete)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise InputError(f"{self.path} is not a file of earlier results ({one_line(error)}): choose another "
+                             "--output") from None
 
     def write(self, result: ImagePrediction) -> None:
         if self.file is None:
             self._open()
         record = result.to_json(self.top_k)
-        if self.csv is None:
-            self.file.write(json.dumps(record) + "\n")
-        else:
-            top = ";".join(f"{name}:{p}" for name, p in record.get("top_k", []))
-            self.csv.writerow([record["path"], record.get("label", ""), record.get("probability", ""), top,
-                               record.get("error", "")])
-        self.file.flush()
+        try:
+            if self.csv is None:
+                self.file.write(json.dumps(record) + "\n")
+            else:
+                top = ";".join(f"{name}:{p}" for name, p in record.get("top_k", []))
+                self.csv.writerow([record["path"], record.get("label", ""), record.get("probability", ""), top,
+                                   record.get("error", "")])
+            self.file.flush()
+        except OSError as error:
+            self._refuse(error)
 
     def _open(self) -> None:
-        new = not self.path.exists()
         try:
-            self.file = open(self.path, "a", newline="")
+            if self._complete_bytes is not None and self._complete_bytes != self.path.stat().st_size:
+                with open(self.path, "r+b") as file:  # the line a kill cut short: it is written again whole
+                    file.truncate(self._complete_bytes)
+            header = self.kind == "csv" and (not self.path.exists() or self.path.stat().st_size == 0)
+            self.file = open(self.path, "a", newline="", encoding="utf-8", errors="surrogateescape")
         except OSError as error:
-            raise InputError(f"cannot write {self.path} ({error.strerror or one_line(error)}): choose another "
-                             "--output") from None
+            self._refuse(error)
         if self.kind == "csv":
             self.csv = csv.writer(self.file)
-            if new:
+            if header:
                 self.csv.writerow(self.CSV_COLUMNS)
+
+    def _refuse(self, error: OSError) -> typing.NoReturn:
+        raise InputError(f"cannot write {self.path} ({error.strerror or one_line(error)}): free disk space or choose "
+                         "another --output; --resume continues it") from None
 
     def close(self) -> None:
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError as error:
+                self._refuse(error)
 
     def __enter__(self) -> "PredictionsFile":
         return self

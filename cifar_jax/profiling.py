@@ -2,10 +2,13 @@
 (DIR/plugins/profile/<date>/<host>.xplane.pb and .trace.json.gz)."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import jax
+
+from cifar_jax.errors import one_line
 
 
 class StepTrace:
@@ -35,5 +38,8 @@ class StepTrace:
                 jax.block_until_ready(latest)
             except Exception:  # a step that failed mid-trace (its donated state gone): the trace still ends
                 pass
-            jax.profiler.stop_trace()
             self.active, self.done = False, True
+            try:
+                jax.profiler.stop_trace()
+            except Exception as error:  # writing the trace failed (a full disk): the run's own outcome stands
+                warnings.warn(f"no profiler trace written to {self.logdir}: {one_line(error)}")

@@ -61,9 +61,15 @@ def tensorboard_dir(workdir: str | os.PathLike) -> Path:
 def run_folder_of(location: str | os.PathLike) -> Path:
     """The run folder of a workdir, its checkpoints/ folder or one checkpoint's folder (what evaluate accepts)."""
     path = Path(location).expanduser().absolute()
-    if path.name.isdigit() and path.parent.name == CHECKPOINTS_SUBDIR:
+    if is_checkpoint_step(path):
         return path.parent.parent
     return path.parent if path.name == CHECKPOINTS_SUBDIR and not (path / CHECKPOINTS_SUBDIR).exists() else path
+
+
+def is_checkpoint_step(path: Path) -> bool:
+    """One checkpoint's folder (checkpoints/STEP), not a run folder named by digits under a folder called
+    checkpoints (`--workdir checkpoints/$SLURM_JOB_ID`), which holds checkpoints of its own."""
+    return path.name.isdigit() and path.parent.name == CHECKPOINTS_SUBDIR and not (path / CHECKPOINTS_SUBDIR).exists()
 
 
 # ---------------------------------------------------------------- files

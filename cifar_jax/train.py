@@ -201,8 +201,8 @@ class EpochLoop:
         start_step = position.epoch * self.steps_per_epoch + position.step_in_epoch
         run = TrainingRun(self.config, Path(self.config.workdir), self.steps_per_epoch, list(position.history),
                           parallel.is_main_process(), start_step)
-        call_all(self.callbacks, "on_train_start", run)
         try:
+            call_all(self.callbacks, "on_train_start", run)
             result = self._epochs(run, position, stop)
         except BaseException:
             self.trace.stop(self.state)

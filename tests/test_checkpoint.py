@@ -243,6 +243,24 @@ def test_a_checkpoint_record_with_a_field_removed_or_mistyped_is_unreadable_in_o
             read()
 
 
+def test_a_record_whose_config_values_have_the_wrong_type_is_unreadable_in_one_line(trained_run, tmp_path):
+    workdir = tmp_path / "copy"
+    shutil.copytree(trained_run.workdir, workdir)
+    for step_dir in (workdir / "checkpoints").iterdir():
+        path = step_dir / "metadata" / "metadata"
+        record = json.loads(path.read_text())
+        record["config"]["eval_batch_size"] = "abc"
+        path.write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match=r"could not be read .*eval_batch_size='abc', not a int"):
+        evaluate(workdir)
+
+
+def test_a_run_folder_named_by_digits_under_checkpoints_is_a_run_not_a_step(trained_run, tmp_path):
+    workdir = tmp_path / "checkpoints" / "123456"  # --workdir checkpoints/$SLURM_JOB_ID
+    shutil.copytree(trained_run.workdir, workdir)
+    assert evaluate(workdir).num_examples == evaluate(trained_run.workdir).num_examples
+
+
 def test_resuming_past_a_record_cut_down_to_the_model_falls_back_to_the_previous_checkpoint(tmp_path,
                                                                                            learnable_data):
     config = quick_config(tmp_path, epochs=2)

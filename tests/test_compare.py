@@ -277,7 +277,8 @@ def test_an_out_folder_of_another_comparison_is_refused_before_anything_changes(
 def test_a_grid_that_leaves_out_earlier_runs_is_refused_but_one_that_grows_is_not(tmp_path, capsys):
     out = tmp_path / "cmp"
     out.mkdir()
-    (out / "results.csv").write_text("run,model,learning_rate\nlearning_rate=0.001,model0,0.001\n")
+    (out / "results.csv").write_text("run,model,learning_rate,status,train_loss\n"
+                                     "learning_rate=0.001,model0,0.001,finished,1.0\n")
     base = TrainConfig(model="model0", epochs=1, data="synthetic")
     with pytest.raises(ConfigError, match=r"holds a comparison with runs this grid leaves out \(learning_rate=0.001\)"):
         compare(base, {"learning_rate": [1e-2]}, out)

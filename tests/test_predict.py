@@ -442,7 +442,7 @@ def test_output_file_and_resume_after_a_kill_finish_every_file_once(run, many_ph
     argv = ["predict", str(many_photos), "--workdir", str(run.workdir), "--batch-size", "8", "--output", str(output)]
     assert cli.main(argv) == 1  # the corrupt file
     complete = output.read_text().splitlines()
-    assert len(complete) == 40 and "39 predicted, 1 failed: " in capsys.readouterr().err
+    assert len(complete) == 40 and "39 predicted, 1 failed, 0 skipped as done earlier" in capsys.readouterr().err
     # A job killed after 11 files, in the middle of writing the 12th line:
     output.write_text("\n".join(complete[:11]) + "\n" + complete[11][:25])
     with pytest.raises(InputError, match="already exists: add --resume"):
@@ -450,7 +450,10 @@ def test_output_file_and_resume_after_a_kill_finish_every_file_once(run, many_ph
     assert cli.main(argv + ["--resume"]) == 1
     lines = output.read_text().splitlines()
     assert sorted(lines) == sorted(complete)  # every file once, the cut line written again whole
-    assert "28 predicted, 1 failed, 11 done earlier" in capsys.readouterr().err
+    assert "28 predicted, 1 failed, 11 skipped as done earlier (0 of them failed)" in capsys.readouterr().err
+    assert cli.main(argv + ["--resume"]) == 1  # nothing left to do, but a file in it failed
+    assert output.read_text().splitlines() == lines
+    assert "0 predicted, 0 failed, 40 skipped as done earlier (1 of them failed)" in capsys.readouterr().err
 
 
 def cli_main_raising(argv):
@@ -470,6 +473,14 @@ def test_output_as_csv_has_a_row_per_file(run, many_photos, tmp_path):
     assert rows[17]["error"] and not rows[0]["error"] and rows[0]["label"] in CLASS_NAMES
     with pytest.raises(InputError, match="name it .jsonl"):
         cli_main_raising(["--output", str(tmp_path / "results.txt")])
+    # A CSV or JSON file that is not one of earlier results is refused untouched.
+    (tmp_path / "data.csv").write_text("name,score\nalice,3")
+    (tmp_path / "report.json").write_text(json.dumps({"a": 1}, indent=2))
+    for other in ("data.csv", "report.json"):
+        before = (tmp_path / other).read_bytes()
+        assert cli.main(["predict", str(many_photos), "--workdir", str(run.workdir), "--output",
+                         str(tmp_path / other), "--resume"]) == 2
+        assert (tmp_path / other).read_bytes() == before
 
 
 @pytest.mark.slow
