@@ -210,21 +210,23 @@ def _add_benchmark_parser(commands) -> None:
 def _compare(args: argparse.Namespace) -> int:
     from cifar_jax.compare import FAILED, INTERRUPTED, RESULTS_MD, compare, comparison_from_options
     from cifar_jax.config import TrainConfig
-
-    base, grid, out, parallel = comparison_from_options(args.config, given_fields(args, TrainConfig), args.models,
-                                                        args.grid or (), args.out, args.parallel)
-    if not parallel:  # with --parallel this process must not claim the devices its workers need
-        announce_backend()
     from cifar_jax.distributed import exiting_at_once_on_stuck_threads
 
-    rows = exiting_at_once_on_stuck_threads(lambda: compare(base, grid, out, parallel=parallel))
+    spec = comparison_from_options(args.config, given_fields(args, TrainConfig), args.models, args.grid or (),
+                                   args.out, args.workers, args.storage, args.prune)
+    if spec.workers == 1:  # with several, this process must not claim the devices its workers need
+        announce_backend()
+    rows = exiting_at_once_on_stuck_threads(lambda: compare(spec.base, spec.grid, spec.out, workers=spec.workers,
+                                                            storage=spec.storage, prune=spec.prune))
     statuses = [row["status"] for row in rows]
+    out = Path(spec.out or spec.base.workdir)
     print(f"{len(rows)} run{'s' * (len(rows) != 1)}: "
           + ", ".join(f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses)))
-    print(f"results: {Path(out or base.workdir) / RESULTS_MD}")
+    print(f"results: {out / RESULTS_MD}")
     if FAILED in statuses:
         print(f"cifar-jax: error: {statuses.count(FAILED)} of {len(rows)} runs failed: each one's error is above and "
-              f"in the status column of {Path(out or base.workdir) / RESULTS_MD}", file=sys.stderr)
+              f"in the status column of {out / RESULTS_MD}; run the same command again to retry them",
+              file=sys.stderr)
     if INTERRUPTED in statuses:
         print("interrupted runs saved a checkpoint: run the same command again to resume them")
         return interrupted_status(None)
@@ -237,18 +239,25 @@ def _add_compare_parser(commands) -> None:
     parser = commands.add_parser(
         "compare", help="train a grid of settings and tabulate the results",
         description="Train every combination of the grid's values on top of the other flags, each run in "
-                    "OUT/runs/NAME, and write OUT/results.csv, OUT/results.md and OUT/test_curves.png. Re-running "
-                    "skips finished runs and resumes an interrupted one. Exits 1 if any run failed.")
+                    "OUT/runs/NAME, and write OUT/results.csv, OUT/results.md and OUT/test_curves.png. Every run is "
+                    "a trial of an Optuna study that any number of workers share. Re-running skips finished runs, "
+                    "resumes interrupted ones and retries failed ones. Exits 1 if any run failed.")
     parser.add_argument("--out", default=None,
                         help="the comparison folder (required unless the --config file sets out)")
     parser.add_argument("--models", default=None, help="comma-separated models to compare, e.g. model0,model1")
     parser.add_argument("--grid", action="append", metavar="FIELD=V1,V2", default=None,
                         help="a config field and its values, e.g. learning_rate=1e-3,1e-2 (repeatable)")
     parser.add_argument("--config", default=None, metavar="FILE",
-                        help="TOML or JSON file with [base] fields, a [grid] of lists, and optional out, parallel; "
-                             "flags given here override it")
-    parser.add_argument("--parallel", action="store_true",
-                        help="train runs side by side, one per device, each in its own process")
+                        help="TOML or JSON file with [base] fields, a [grid] of lists, and optional out, workers, "
+                             "storage, prune; flags given here override it")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="worker processes on this machine sharing the sweep, one device each where there are "
+                             "several (default: 1, in this process). The same command elsewhere joins the sweep")
+    parser.add_argument("--storage", default=None, metavar="URL_OR_FILE",
+                        help="the Optuna storage every worker shares: sqlite:///..., postgresql://..., mysql://..., "
+                             "or a journal file on a shared filesystem (default: OUT/study.db)")
+    parser.add_argument("--prune", choices=("none", "median", "hyperband"), default=None,
+                        help="stop hopeless runs early by their test accuracy per epoch (default: none)")
     add_dataclass_flags(parser, TrainConfig, skip=("model", "workdir", "resume"))
     parser.set_defaults(handler=_compare)
 

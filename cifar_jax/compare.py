@@ -25,29 +25,31 @@ import sys
 import time
 import typing
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Collection, Iterable, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
 
-from cifar_jax import rundir
-from cifar_jax.config import TrainConfig, conflicting_fields
+from cifar_jax import distributed, rundir, sweep
+from cifar_jax.config import RUN_IDENTITY_FIELDS, TrainConfig, check_positive_integer, conflicting_fields
 from cifar_jax.flags import value_type
 from cifar_jax.distributed import exiting_at_once_on_stuck_threads, signal_on_parent_death
 from cifar_jax.errors import CheckpointSaveError, CifarJaxError, ConfigError, first_line
 from cifar_jax.models import MODELS, count_params
 from cifar_jax.report import markdown_table
-from cifar_jax.train import stop_requests, train
+from cifar_jax.train import train
 
 RUNS_SUBDIR = "runs"
 RUN_RECORD_FILE = rundir.COMPARE_RECORD_FILE
-RUN_LOG_FILE = rundir.WORKER_LOG_FILE
 RESULTS_CSV = "results.csv"
 RESULTS_MD = "results.md"
 CURVES_PNG = "test_curves.png"
 FIELDS_COMPARE_SETS = ("workdir", "resume")  # every run gets its own workdir and always resumes
 
-PENDING, FINISHED, FAILED, INTERRUPTED = "pending", "finished", "failed", "interrupted"
+PENDING, RUNNING, FINISHED, PRUNED, FAILED, INTERRUPTED = ("pending", "running", "finished", "pruned", "failed",
+                                                           "interrupted")
+SETTLED = (FINISHED, PRUNED)  # a run in either state is not trained again by a rerun with the same settings
+SPEC_FILE = "sweep.json"  # what workers started by --workers (or by hand on other machines) read
 METRIC_COLUMNS = ("params", "train_accuracy", "train_loss", "test_accuracy", "test_loss", "best_test_accuracy",
                   "best_epoch", "train_seconds", "images_per_second", "status", "error")
 COLUMN_TITLES = {"params": "parameters", "best_epoch": "best epoch", "train_seconds": "train seconds",
@@ -140,9 +142,12 @@ def parse_grid_option(option: str) -> tuple[str, list[str]]:
 # ---------------------------------------------------------------- a comparison from a file and the command line
 
 
+FILE_KEYS = {"base": dict, "grid": dict, "out": str, "workers": int, "storage": str, "prune": str}
+
+
 def read_comparison_file(path: str | Path) -> dict:
     """A TOML or JSON file with `[base]` (config fields), `[grid]` (field = list of values), and optional
-    `out` and `parallel`."""
+    `out`, `workers`, `storage` and `prune`."""
     path = Path(path).expanduser()
     try:
         if path.suffix.lower() == ".toml":
@@ -154,11 +159,11 @@ def read_comparison_file(path: str | Path) -> dict:
     except (OSError, ValueError, ImportError) as error:
         raise ConfigError(f"cannot read the comparison file {path}: {error}") from None
     if not isinstance(spec, dict):
-        raise ConfigError(f"{path} holds a {type(spec).__name__}: expected base, grid, out and parallel as keys")
-    unknown = sorted(set(spec) - {"base", "grid", "out", "parallel"})
+        raise ConfigError(f"{path} holds a {type(spec).__name__}: expected {', '.join(FILE_KEYS)} as keys")
+    unknown = sorted(set(spec) - set(FILE_KEYS))
     if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(unknown)} in {path}: use base, grid, out and parallel")
-    expected = {"base": dict, "grid": dict, "out": str, "parallel": bool}
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)} in {path}: use {', '.join(FILE_KEYS)}")
+    expected = FILE_KEYS
     for key, kind in expected.items():
         if key in spec and not isinstance(spec[key], kind):
             raise ConfigError(f"{key} in {path} is a {type(spec[key]).__name__}, not a {kind.__name__}: "
@@ -166,10 +171,22 @@ def read_comparison_file(path: str | Path) -> dict:
     return spec
 
 
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """A comparison as the command line and its file describe it: what to train, where, and how."""
+
+    base: TrainConfig
+    grid: dict
+    out: Optional[str]
+    workers: int = 1
+    storage: Optional[str] = None
+    prune: str = "none"
+
+
 def comparison_from_options(config_file: Optional[str], overrides: Mapping[str, Any], models: Optional[str],
-                            grid_options: Sequence[str], out: Optional[str],
-                            parallel: bool) -> tuple[TrainConfig, dict[str, list], Optional[str], bool]:
-    """(base config, grid, folder, parallel) from an optional file, overridden by command-line flags and --grid."""
+                            grid_options: Sequence[str], out: Optional[str], workers: Optional[int] = None,
+                            storage: Optional[str] = None, prune: Optional[str] = None) -> Comparison:
+    """The comparison from an optional file, overridden by command-line flags and --grid."""
     spec = read_comparison_file(config_file) if config_file else {}
     # Base values are one value each, of their field's type (a list belongs in the grid).
     base_values = {_known_field(name): parse_value(_known_field(name), value)
@@ -185,7 +202,8 @@ def comparison_from_options(config_file: Optional[str], overrides: Mapping[str, 
             raise ConfigError("models are given both by --models and --grid model=...: use one of them")
         command_line_grid = {"model": [model.strip() for model in models.split(",")], **command_line_grid}
     grid = {**{k: v for k, v in grid.items() if k not in command_line_grid}, **typed_grid(command_line_grid)}
-    return base, grid, out or spec.get("out"), parallel or bool(spec.get("parallel", False))
+    return Comparison(base, grid, out or spec.get("out"), workers or spec.get("workers", 1),
+                      storage or spec.get("storage"), prune or spec.get("prune", "none"))
 
 
 # ---------------------------------------------------------------- runs
@@ -293,9 +311,9 @@ def write_run_record(workdir: Path, record: dict) -> None:
     rundir.write_json(workdir / RUN_RECORD_FILE, record)
 
 
-def is_finished(run: Run) -> bool:
-    """Finished earlier with this comparison's settings (same epochs, same run identity)."""
-    if read_run_record(run.workdir).get("status") != FINISHED:
+def is_settled(run: Run) -> bool:
+    """Finished (or pruned) earlier with this comparison's settings (same epochs, same run identity)."""
+    if read_run_record(run.workdir).get("status") not in SETTLED:
         return False
     try:
         requested, saved = run.config.resolved(), rundir.saved_config(run.workdir)
@@ -304,15 +322,17 @@ def is_finished(run: Run) -> bool:
         return False
 
 
-def train_run(config: TrainConfig) -> dict:
+def train_run(config: TrainConfig, callbacks: Sequence = ()) -> dict:
     """Train or resume one run and record how it ended in WORKDIR/compare_result.json; errors are recorded."""
     workdir = Path(config.workdir)
     (workdir / RUN_RECORD_FILE).unlink(missing_ok=True)  # until it ends again, the run is not finished
     started = time.perf_counter()
     fatal = None
     try:
-        result = train(config)
-        record = {"status": INTERRUPTED if result.interrupted else FINISHED, "error": None}
+        result = train(config, callbacks=callbacks)
+        status = INTERRUPTED if result.interrupted else PRUNED if result.stopped_by else FINISHED
+        record = {"status": status, "error": None,
+                  "test_accuracy": result.history[-1]["test_accuracy"] if result.history else None}
     except CifarJaxError as error:
         record = {"status": FAILED, "error": str(error)}
         # Orbax's writer is left waiting after a failed save: the process must exit, not train the next run.
@@ -326,23 +346,64 @@ def train_run(config: TrainConfig) -> dict:
     return record
 
 
-# ---------------------------------------------------------------- running the grid
+# ---------------------------------------------------------------- the study: queue, workers
 
 
-def _announce(position: str, run: Run, record: dict) -> None:
-    error = f": {record['error']}" if record.get("error") else ""
-    print(f"{position} {run.name}: {record['status']}{error}", flush=True)
+def comparison_identity(base: TrainConfig, grid: Mapping[str, list]) -> dict:
+    """What makes two comparisons the same sweep: the grid's fields and the base settings that define runs."""
+    resolved = dataclasses.asdict(base)
+    return {"grid": sorted(grid), "base": {name: resolved[name] for name in RUN_IDENTITY_FIELDS
+                                           if name not in grid and resolved[name] is not None}}
 
 
-def run_one_by_one(runs: Sequence[tuple[str, Run]], on_run_end) -> None:
-    """Train in this process, one run after another; a Ctrl-C/SIGTERM (the run saves) stops the comparison."""
-    for position, run in runs:
-        print(f"{position} {run.name}: training", flush=True)
-        record = train_run(run.config)
-        _announce(position, run, record)
+def open_comparison_study(out_dir: Path, base: TrainConfig, grid: Mapping[str, list], storage: Optional[str],
+                          prune: str):
+    epochs = max(run_epochs for run_epochs in grid.get("epochs", [base.epochs or 10]))
+    return sweep.open_study(out_dir, storage, comparison_identity(base, grid), prune, epochs)
+
+
+def tell(study, trial, record: dict) -> None:
+    """The run's end as the trial's: its last test accuracy (the objective), pruned, or failed (queued again by
+    the next compare, like an interrupted run)."""
+    from optuna.trial import TrialState
+
+    if record["status"] == FINISHED:
+        study.tell(trial, record["test_accuracy"])
+    else:
+        study.tell(trial, state=TrialState.PRUNED if record["status"] == PRUNED else TrialState.FAIL)
+
+
+def work_on_study(out_dir: Path, study, runs: Sequence[Run], grid: Mapping[str, list], prune: str,
+                  on_run_end=lambda: None) -> None:
+    """Take the next queued run, train it, report it; until the queue is empty, a run is interrupted, or a failed
+    checkpoint write ends the process."""
+    by_name = {run.name: run for run in runs}
+    while (trial := sweep.take_next(study, out_dir)) is not None:
+        run = by_name.get(trial.user_attrs.get(sweep.RUN_ATTR))
+        if run is None:  # queued by a comparison with a grid this one does not hold: left to it
+            study.tell(trial, state=_fail_state())
+            continue
+        for field, values in grid.items():  # the trial's parameters, as Optuna's tables and plots show them
+            trial.suggest_categorical(field, list(dict.fromkeys(values)))
+        print(f"{run.name}: training (trial {trial.number})", flush=True)
+        with sweep.heartbeat(trial):
+            record = train_run(run.config, [sweep.PruningReport(trial)] if prune != "none" else [])
+        tell(study, trial, record)
+        _announce(run, record)
         on_run_end()
         if record["status"] == INTERRUPTED:
             return
+
+
+def _fail_state():
+    from optuna.trial import TrialState
+
+    return TrialState.FAIL
+
+
+def _announce(run: Run, record: dict) -> None:
+    error = f": {record['error']}" if record.get("error") else ""
+    print(f"{run.name}: {record['status']}{error}", flush=True)
 
 
 _PROBE_DEVICES = "import jax; print(jax.default_backend(), jax.local_device_count())"
@@ -354,7 +415,7 @@ def probe_devices() -> tuple[str, int]:
     last = (done.stdout.strip().splitlines() or [""])[-1].split()
     if done.returncode or len(last) != 2:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ConfigError(f"could not list the devices for --parallel ({tail}): run the comparison without it")
+        raise ConfigError(f"could not list the devices for --workers ({tail}): run the comparison without it")
     return last[0], int(last[1])
 
 
@@ -364,71 +425,38 @@ def one_device_environment(backend: str, index: int, environment: Mapping[str, s
     if backend == "cpu":  # simulated host devices share the same cores: each worker gets one
         flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
         env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=1".strip()
-    elif backend == "gpu":  # the index counts within a CUDA_VISIBLE_DEVICES this process was given
+    elif backend in ("gpu", "cuda", "rocm"):  # the index counts within a CUDA_VISIBLE_DEVICES this process was given
         visible = [device.strip() for device in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if device.strip()]
-        env["CUDA_VISIBLE_DEVICES"] = visible[index] if visible else str(index)
-    else:
-        raise ConfigError(f"--parallel supports CPU and GPU devices, not {backend}: run the comparison without it")
+        env["CUDA_VISIBLE_DEVICES"] = visible[index % len(visible)] if visible else str(index)
     return env
 
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # so workers import this very copy of cifar_jax
 
 
-def start_worker(run: Run, env: Mapping[str, str]) -> subprocess.Popen:
-    """`python -m cifar_jax.compare --worker CONFIG_JSON`, output appended to the run's train.log."""
-    run.workdir.mkdir(parents=True, exist_ok=True)
-    (run.workdir / RUN_RECORD_FILE).unlink(missing_ok=True)  # a worker that dies early must not leave an old one
-    config = json.dumps(dataclasses.replace(run.config, progress=False).to_dict())
-    command = [sys.executable, "-m", "cifar_jax.compare", "--worker", config, "--parent-pid", str(os.getpid())]
-    python_path = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
-    with open(run.workdir / RUN_LOG_FILE, "a") as log:
-        return subprocess.Popen(command, env={**env, "PYTHONPATH": python_path}, stdout=log, stderr=subprocess.STDOUT)
-
-
-def _record_worker_exit(run: Run, process: subprocess.Popen, device: int, stopped: bool) -> dict:
-    """The worker's own record plus its device; if it wrote none: interrupted when stopped before training began,
-    else a failure naming its exit code and log."""
-    record = read_run_record(run.workdir)
-    if not record and stopped:
-        record = {"status": INTERRUPTED, "error": None}
-    elif not record:
-        record = {"status": FAILED, "error": f"worker exited with code {process.returncode} without a result: "
-                                             f"see {run.workdir / RUN_LOG_FILE}"}
-    record = {**record, "device": device}
-    write_run_record(run.workdir, record)
-    return record
-
-
-def _start_workers(waiting: list, running: dict, backend: str, num_devices: int) -> None:
-    """Start the next waiting runs on every free device."""
-    for device in range(num_devices):
-        if device not in running and waiting:
-            position, run = waiting.pop(0)
-            print(f"{position} {run.name}: training on device {device}, log in {run.workdir / RUN_LOG_FILE}",
-                  flush=True)
-            environment = one_device_environment(backend, device, os.environ)
-            running[device] = (position, run, start_worker(run, environment))
-
-
-def run_side_by_side(runs: Sequence[tuple[str, Run]], on_run_end, poll_seconds: float = 0.2) -> None:
-    """One worker process per run, each seeing one device, as many at a time as there are devices."""
+def run_workers(out_dir: Path, count: int) -> list[int]:
+    """`count` worker processes on this machine, one device each where it has several, sharing the study; their
+    exit codes. Ctrl-C/SIGTERM reaches them (each saves its run and stops)."""
     backend, num_devices = probe_devices()
-    waiting, running, forwarded = list(runs), {}, False  # running: device → (position, run, worker process)
-    with stop_requests() as stop:  # Ctrl-C/SIGTERM: workers save and stop, nothing new starts
-        while waiting or running:
-            if stop["signal"] and not forwarded:
-                waiting, forwarded = [], True
-                for _, _, process in running.values():
-                    process.send_signal(signal.SIGTERM)  # the worker saves a checkpoint and exits
-            _start_workers(waiting, running, backend, num_devices)
-            time.sleep(poll_seconds)
-            for device, (position, run, process) in list(running.items()):
-                if process.poll() is not None:
-                    del running[device]
-                    record = _record_worker_exit(run, process, device, stopped=bool(stop["signal"]))
-                    _announce(position, run, record)
-                    on_run_end()
+    python_path = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", "cifar_jax.compare", "--worker", str(out_dir / SPEC_FILE),
+               "--parent-pid", str(os.getpid())]
+    workers = [subprocess.Popen(command, env={**one_device_environment(backend, index % num_devices, os.environ),
+                                              "PYTHONPATH": python_path})
+               for index in range(count)]
+
+    def pass_on(signum, _frame):
+        for worker in workers:
+            worker.send_signal(signum)
+
+    with distributed.signals_handled_by(pass_on):
+        return [worker.wait() for worker in workers]
+
+
+def write_spec(out_dir: Path, base: TrainConfig, grid: Mapping[str, list], storage: Optional[str],
+               prune: str) -> None:
+    """What a worker needs to join the sweep, beside its runs (a worker on another machine reads it too)."""
+    rundir.write_json(out_dir / SPEC_FILE, {"base": base.to_dict(), "grid": grid, "storage": storage, "prune": prune})
 
 
 # ---------------------------------------------------------------- results
@@ -439,12 +467,12 @@ def parameter_count(model: str) -> Optional[int]:
     return count_params(model) if model in MODELS else None
 
 
-def run_row(run: Run, grid_fields: Sequence[str]) -> dict[str, Any]:
+def run_row(run: Run, grid_fields: Sequence[str], running: Collection[str] = ()) -> dict[str, Any]:
     """One row of the results table, read from the run's files: metrics after its last epoch, best test accuracy."""
     history = rundir.read_history(run.workdir)
     record = read_run_record(run.workdir)
-    status = record.get("status", PENDING)
-    if status == FINISHED and not is_finished(run):  # finished with other settings (fewer epochs): not yet redone
+    status = RUNNING if run.name in running else record.get("status", PENDING)
+    if status in SETTLED and not is_settled(run):  # finished with other settings (fewer epochs): not yet redone
         status = PENDING
     last = history[-1] if history else {}
     best = max(history, key=lambda row: row["test_accuracy"]) if history else {}  # the first of equals
@@ -553,8 +581,9 @@ def comparison_notes(base: TrainConfig, grid: Mapping[str, list], rows: Sequence
 
 
 def write_results(out_dir: Path, runs: Sequence[Run], base: TrainConfig, grid: Mapping[str, list],
-                  plot: bool = False) -> list[dict]:
-    rows = [run_row(run, list(grid)) for run in runs]
+                  plot: bool = False, study=None) -> list[dict]:
+    running = sweep.running_runs(study) if study is not None else set()
+    rows = [run_row(run, list(grid), running) for run in runs]
     if plot:
         plot_test_curves({run.name: rundir.read_history(run.workdir) for run in runs}, out_dir / CURVES_PNG)
     write_tables(out_dir, rows, result_columns(list(grid)), f"Comparison of {len(runs)} run{'s' * (len(runs) != 1)}",
@@ -565,25 +594,23 @@ def write_results(out_dir: Path, runs: Sequence[Run], base: TrainConfig, grid: M
 # ---------------------------------------------------------------- the whole comparison
 
 
-def runs_to_train(runs: Sequence[Run]) -> list[tuple[str, Run]]:
-    """(position, run) for every run not finished earlier; the finished ones are announced as skipped."""
-    todo = []
-    for number, run in enumerate(runs, 1):
-        position = f"[{number}/{len(runs)}]"
-        if is_finished(run):
-            print(f"{position} {run.name}: finished earlier, skipped", flush=True)
-        else:
-            todo.append((position, run))
-    return todo
+def settled_runs(runs: Sequence[Run]) -> list[Run]:
+    """The runs not to train again, each announced as skipped."""
+    settled = [run for run in runs if is_settled(run)]
+    for run in settled:
+        print(f"{run.name}: {read_run_record(run.workdir)['status']} earlier, skipped", flush=True)
+    return settled
 
 
 def compare(base_config: TrainConfig, grid: Mapping[str, Any], out_dir: Optional[str | Path] = None, *,
-            parallel: bool = False) -> list[dict]:
+            workers: int = 1, storage: Optional[str] = None, prune: str = "none") -> list[dict]:
     """Train every point of `grid` on top of `base_config` and return the results table, one dict per run.
 
     `grid` maps config fields to lists of values (text is parsed to the field's type). The runs live in
-    OUT_DIR/runs/NAME (OUT_DIR defaults to base_config.workdir); finished ones are skipped, interrupted ones
-    resumed, failed ones recorded with their error. Writes OUT_DIR/results.csv, results.md and test_curves.png.
+    OUT_DIR/runs/NAME (OUT_DIR defaults to base_config.workdir) and are the trials of an Optuna study in `storage`
+    (default: OUT_DIR/study.db): `workers` processes here, and the same call on other machines, share them. Finished
+    runs are skipped, interrupted ones resumed, failed ones recorded with their error and tried again next time;
+    `prune` (median, hyperband) stops hopeless runs early. Writes OUT_DIR/results.csv, results.md, test_curves.png.
     """
     if not isinstance(base_config, TrainConfig):
         raise ConfigError(f"compare() takes a TrainConfig as its base, got {type(base_config).__name__}")
@@ -593,32 +620,46 @@ def compare(base_config: TrainConfig, grid: Mapping[str, Any], out_dir: Optional
     folder = out_dir or base_config.workdir
     if not folder:
         raise ConfigError("give the comparison folder: --out DIR on the command line, out_dir=DIR from Python")
+    check_positive_integer("workers", workers)
     folder = Path(folder).expanduser()
     grid = typed_grid(grid)
     runs = plan_runs(base_config, grid, folder)
     check_out_dir(runs, folder)
-    if parallel and base_config.num_devices not in (None, 1):
-        raise ConfigError("--parallel trains each run on one device: drop --num-devices, or drop --parallel")
-    # Checked only without --parallel: asking JAX would make this process claim the devices its workers need.
-    if not parallel and jax.process_count() > 1:
+    if workers > 1 and base_config.num_devices not in (None, 1):
+        raise ConfigError("--workers trains each run on one device: drop --num-devices, or --workers")
+    # Checked only with one worker: asking JAX would make this process claim the devices its workers need.
+    if workers == 1 and jax.process_count() > 1:
         raise ConfigError("compare runs in a single process: train multi-host runs one by one with `cifar-jax train`")
-    on_run_end = functools.partial(write_results, folder, runs, base_config, grid)
-    (run_side_by_side if parallel else run_one_by_one)(runs_to_train(runs), on_run_end)
-    return write_results(folder, runs, base_config, grid, plot=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    study = open_comparison_study(folder, base_config, grid, storage, prune)
+    settled = {run.name for run in settled_runs(runs)}
+    sweep.queue_runs(study, folder, [(run.name, run.settings) for run in runs if run.name not in settled])
+    on_run_end = functools.partial(write_results, folder, runs, base_config, grid, study=study)
+    if workers == 1:
+        work_on_study(folder, study, runs, grid, prune, on_run_end)
+    else:
+        write_spec(folder, base_config, grid, storage, prune)
+        run_workers(folder, workers)
+    return write_results(folder, runs, base_config, grid, plot=True, study=study)
 
 
 def worker_main(argv: Optional[Sequence[str]] = None) -> int:
-    """`python -m cifar_jax.compare --worker CONFIG_JSON --parent-pid PID`: one run of a parallel comparison."""
+    """`python -m cifar_jax.compare --worker OUT/sweep.json [--parent-pid PID]`: one worker of a comparison."""
     import argparse
 
     parser = argparse.ArgumentParser(description=worker_main.__doc__)
-    parser.add_argument("--worker", required=True, help="the run's TrainConfig as JSON")
-    parser.add_argument("--parent-pid", type=int, required=True, help="the comparison process")
+    parser.add_argument("--worker", required=True, help="the comparison's sweep.json")
+    parser.add_argument("--parent-pid", type=int, default=None, help="the comparison process that started it")
     args = parser.parse_args(argv)
     # SIGTERM (save and stop) if the comparison dies, so no orphan trains a run the next comparison resumes
-    if not signal_on_parent_death(args.parent_pid, signal.SIGTERM):
+    if args.parent_pid is not None and not signal_on_parent_death(args.parent_pid, signal.SIGTERM):
         return 1
-    exiting_at_once_on_stuck_threads(lambda: train_run(TrainConfig.from_dict(json.loads(args.worker))))
+    spec_path = Path(args.worker)
+    spec = json.loads(spec_path.read_text())
+    base, grid, out_dir = TrainConfig.from_dict(spec["base"]), typed_grid(spec["grid"]), spec_path.parent
+    runs = plan_runs(dataclasses.replace(base, progress=False), grid, out_dir)
+    study = open_comparison_study(out_dir, base, grid, spec["storage"], spec["prune"])
+    exiting_at_once_on_stuck_threads(lambda: work_on_study(out_dir, study, runs, grid, spec["prune"]))
     return 0
 
 

@@ -70,13 +70,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", required=True, help="the comparison folder")
     parser.add_argument("--epochs", type=int, default=TUTORIAL_EPOCHS,
                         help="epochs per model (default: 10, as in the tutorial)")
-    parser.add_argument("--parallel", action="store_true", help="train the models side by side, one per device")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="worker processes training the models side by side, one device each (default: 1)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
 
     base = TrainConfig(recipe="tutorial", epochs=args.epochs, batch_size=32, data=args.data, data_dir=args.data_dir)
     try:
-        results = compare(base, {"model": list(TUTORIAL_RESULTS)}, args.out, parallel=args.parallel)
+        results = compare(base, {"model": list(TUTORIAL_RESULTS)}, args.out, workers=args.workers)
     except CifarJaxError as error:
         print(f"reproduce_tutorial: error: {error}", file=sys.stderr)
         return 2

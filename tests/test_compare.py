@@ -18,7 +18,7 @@ from cifar_jax import TrainConfig
 from cifar_jax.cli import main
 from cifar_jax.compare import (RUN_RECORD_FILE, check_out_dir, compare, comparison_from_options, parse_grid_option, plan_runs,
                                run_name, typed_grid)
-from cifar_jax import distributed
+from cifar_jax import distributed, sweep
 from cifar_jax.errors import CheckpointSaveError, ConfigError
 
 MODEL0_PARAMS, MODEL1_PARAMS = 91_946, 3_404_042
@@ -45,6 +45,20 @@ def run_files(workdir: Path) -> dict[str, bytes]:
 
 def metrics(workdir: Path) -> list[dict]:
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def study_trials(out: Path) -> list:
+    import optuna
+
+    study = optuna.load_study(study_name=sweep.STUDY_NAME_PREFIX + out.name, storage=f"sqlite:///{out / 'study.db'}")
+    return study.get_trials()
+
+
+def trained_once_each(out: Path) -> set[str]:
+    """The runs of the comparison's study, asserting each was trained by exactly one finished trial."""
+    finished = [trial.user_attrs["run"] for trial in study_trials(out) if trial.state.name == "COMPLETE"]
+    assert len(finished) == len(set(finished)), finished
+    return set(finished)
 
 
 # ---------------------------------------------------------------- grids and files (no training)
@@ -90,15 +104,15 @@ def test_a_toml_or_json_file_gives_the_comparison_and_flags_override_it(tmp_path
                                                  "grid": {"model": ["model0", "model1"], "learning_rate": [1e-3, 1e-2]},
                                                  "out": "cmp"}))
     for name in ("c.toml", "c.json"):
-        base, grid, out, parallel = comparison_from_options(str(tmp_path / name), {"epochs": 2}, None,
-                                                            ["learning_rate=3e-4"], None, False)
-        assert (base.epochs, base.batch_size, out, parallel) == (2, 64, "cmp", False)
+        spec = comparison_from_options(str(tmp_path / name), {"epochs": 2}, None, ["learning_rate=3e-4"], None)
+        base, grid = spec.base, spec.grid
+        assert (base.epochs, base.batch_size, spec.out, spec.workers, spec.prune) == (2, 64, "cmp", 1, "none")
         assert grid == {"model": ["model0", "model1"], "learning_rate": [3e-4]}
     runs = plan_runs(base, grid, tmp_path / "cmp")
     assert [run.name for run in runs] == ["model=model0,learning_rate=0.0003", "model=model1,learning_rate=0.0003"]
     assert runs[1].config.workdir == str(tmp_path / "cmp" / "runs" / "model=model1,learning_rate=0.0003")
     with pytest.raises(ConfigError, match="both by --models and --grid model"):
-        comparison_from_options(None, {}, "model0", ["model=model1"], "cmp", False)
+        comparison_from_options(None, {}, "model0", ["model=model1"], "cmp")
 
 
 # ---------------------------------------------------------------- a real 2x2 grid, killed mid-way and completed
@@ -136,7 +150,9 @@ def killed_grid(learnable_data_dir, tmp_path_factory):
     at_kill = {"first_record": json.loads((first / RUN_RECORD_FILE).read_text()), "first_files": run_files(first),
                "second_record": (second / RUN_RECORD_FILE).exists(), "second_metrics": metrics(second),
                "others": sorted(p.name for p in (out / "runs").iterdir())}
-    exit_code = main(grid_arguments(learnable_data_dir, out))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sweep, "STALE_AFTER_SECONDS", 0)  # the killed worker's trial: stale at once
+        exit_code = main(grid_arguments(learnable_data_dir, out))
     return out, at_kill, exit_code
 
 
@@ -188,7 +204,7 @@ def test_rerunning_skips_every_finished_run(killed_grid, learnable_data_dir, mon
     before = {run.name: run_files(run) for run in runs}
     table_before = read_csv(out / "results.csv")
 
-    def must_not_train(config):
+    def must_not_train(config, callbacks=()):
         raise AssertionError(f"trained {config.workdir} again")
 
     monkeypatch.setattr(compare_module, "train", must_not_train)
@@ -224,7 +240,8 @@ def test_a_failing_run_is_recorded_with_its_error_and_the_others_finish(learnabl
     captured = capsys.readouterr()
     assert "4 runs: 3 failed, 1 finished" in captured.out
     assert captured.err.strip().splitlines()[-1] == (
-        f"cifar-jax: error: 3 of 4 runs failed: each one's error is above and in the status column of {out / 'results.md'}")
+        f"cifar-jax: error: 3 of 4 runs failed: each one's error is above and in the status column of {out / 'results.md'}"
+        "; run the same command again to retry them")
 
     # The grid fixed: the runs that failed before training have no results to lose, so leaving them out is fine.
     code = main(["compare", "--models", "model0", "--grid", "learning_rate=1e-3", "--grid", "batch_size=32",
@@ -238,7 +255,7 @@ def test_a_failing_run_is_recorded_with_its_error_and_the_others_finish(learnabl
 def test_a_failed_checkpoint_write_is_recorded_and_ends_the_comparison_at_once(tmp_path, monkeypatch, capsys):
     started = []
 
-    def save_fails(config):
+    def save_fails(config, callbacks=()):
         started.append(config.workdir)
         raise CheckpointSaveError("could not write a checkpoint in X (disk full): free disk space")
 
@@ -348,7 +365,7 @@ def test_a_results_csv_that_is_not_a_comparisons_is_refused_not_overwritten(tmp_
 
 
 @pytest.mark.parametrize("content, message", [
-    ("[1, 2]", "holds a list: expected base, grid, out and parallel as keys"),
+    ("[1, 2]", "holds a list: expected base, grid, out, workers, storage, prune as keys"),
     ('{"base": [1]}', "base in .* is a list, not a dict"),
     ('{"grid": "lr"}', "grid in .* is a str, not a dict"),
     ('{"out": ["a"]}', "out in .* is a list, not a str"),
@@ -370,6 +387,107 @@ def test_a_grid_over_many_fields_gets_short_stable_unique_run_names():
     assert name != run_name({**settings, "cutout": 9}) and name.startswith("learning_rate=0.123456789,")
 
 
+# ---------------------------------------------------------------- sweeps on an Optuna study
+
+
+def sweep_arguments(data_dir: Path, out: Path, *more: str) -> list[str]:
+    return ["compare", "--models", "model0", "--grid", "learning_rate=1e-3,2e-3", "--grid", "seed=0,1", "--epochs", "1",
+            "--batch-size", "32", "--eval-batch-size", "101", "--data-dir", str(data_dir), "--out", str(out),
+            "--no-progress", *more]
+
+
+SWEEP_RUNS = {f"model=model0,learning_rate={lr},seed={seed}" for lr in ("0.001", "0.002") for seed in (0, 1)}
+
+
+@pytest.mark.slow
+def test_two_workers_train_each_grid_point_exactly_once(learnable_data_dir, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(sweep_arguments(learnable_data_dir, out, "--workers", "2")) == 0
+    assert trained_once_each(out) == SWEEP_RUNS and len(study_trials(out)) == 4
+    rows = read_csv(out / "results.csv")
+    assert sorted(row["run"] for row in rows) == sorted(SWEEP_RUNS) and {row["status"] for row in rows} == {"finished"}
+    assert all(len(metrics(out / "runs" / name)) == 1 for name in SWEEP_RUNS)
+
+
+@pytest.mark.slow
+def test_two_compare_processes_on_the_same_out_split_the_sweep(learnable_data_dir, tmp_path):
+    out = tmp_path / "sweep"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "cifar_jax", *sweep_arguments(learnable_data_dir, out)]
+    processes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for _ in range(2)]
+    outputs = [process.communicate(timeout=TIMEOUT)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs
+    assert trained_once_each(out) == SWEEP_RUNS and len(study_trials(out)) == 4
+    trained_by = [{name for name in SWEEP_RUNS if f"{name}: training" in output} for output in outputs]
+    assert trained_by[0] | trained_by[1] == SWEEP_RUNS and not trained_by[0] & trained_by[1]
+
+
+@pytest.mark.slow
+def test_median_pruning_stops_a_hopeless_run_before_its_last_epoch(learnable_data_dir, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    code = main(["compare", "--models", "model0", "--grid", "learning_rate=3e-3,2e-3,1e-7", "--epochs", "3",
+                 "--batch-size", "32", "--eval-batch-size", "101", "--num-devices", "1", "--data-dir",
+                 str(learnable_data_dir), "--out", str(out), "--no-progress", "--prune", "median"])
+    assert code == 0
+    rows = {row["learning_rate"]: row for row in read_csv(out / "results.csv")}
+    assert (rows["0.003"]["status"], rows["0.002"]["status"], rows["1e-07"]["status"]) == ("finished", "finished",
+                                                                                            "pruned")
+    assert len(metrics(out / "runs" / rows["1e-07"]["run"])) < 3  # stopped early, its epochs so far kept
+    assert (out / "runs" / rows["1e-07"]["run"] / "checkpoints").is_dir()
+    states = {trial.user_attrs["run"]: trial.state.name for trial in study_trials(out)}
+    assert states[rows["1e-07"]["run"]] == "PRUNED"
+    # Rerunning trains nothing again: finished and pruned runs are settled.
+    main(["compare", "--models", "model0", "--grid", "learning_rate=3e-3,2e-3,1e-7", "--epochs", "3",
+          "--batch-size", "32", "--eval-batch-size", "101", "--num-devices", "1", "--data-dir", str(learnable_data_dir),
+          "--out", str(out), "--no-progress", "--prune", "median"])
+    assert capsys.readouterr().out.count("earlier, skipped") == 3
+
+
+@pytest.mark.slow
+def test_a_journal_file_storage_holds_the_sweep(learnable_data_dir, tmp_path):
+    import optuna
+
+    out, journal = tmp_path / "sweep", tmp_path / "shared" / "sweep.journal"
+    journal.parent.mkdir()
+    assert main(["compare", "--models", "model0", "--epochs", "1", "--batch-size", "32", "--eval-batch-size", "101",
+                 "--num-devices", "1", "--data-dir", str(learnable_data_dir), "--out", str(out), "--no-progress",
+                 "--storage", str(journal)]) == 0
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    study = optuna.load_study(study_name=sweep.STUDY_NAME_PREFIX + "sweep", storage=storage)
+    assert [(trial.user_attrs["run"], trial.state.name) for trial in study.trials] == [("model=model0", "COMPLETE")]
+
+
+@pytest.mark.parametrize("storage, message", [
+    ("nosuchdb://somewhere/x", "cannot open the storage nosuchdb://somewhere/x"),
+    ("postgresql://user@localhost/sweeps", r"needs a database driver .* pip install 'cifar-jax\[postgres\]'"),
+])
+def test_a_storage_that_cannot_be_used_is_one_line(tmp_path, capsys, storage, message, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_psycopg(name, *args, **kwargs):  # as on a machine without the [postgres] extra
+        if name.startswith("psycopg"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_psycopg)
+    assert main(["compare", "--models", "model0", "--epochs", "1", "--data", "synthetic", "--out",
+                 str(tmp_path / "cmp"), "--storage", storage]) == 2
+    error = capsys.readouterr().err
+    assert re.search(message, error) and error.count("\n") == 1, error
+
+
+def test_a_storage_holding_another_sweep_under_this_out_is_refused(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "cmp"
+    monkeypatch.setattr(compare_module, "work_on_study", lambda *args, **kwargs: None)  # no training here
+    assert main(["compare", "--models", "model0", "--epochs", "1", "--data", "synthetic", "--out", str(out)]) == 0
+    assert main(["compare", "--models", "model0", "--epochs", "1", "--data", "synthetic", "--out", str(out),
+                 "--grid", "seed=0,1"]) == 2
+    assert "the storage holds a different sweep under the name 'cifar-jax-compare:cmp'" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- scripts/reproduce_tutorial.py
 
 
@@ -380,8 +498,8 @@ def test_reproduce_tutorial_script_in_parallel_workers_puts_the_tutorials_number
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     out = tmp_path / "tutorial"
-    # --parallel: each model in its own worker process that sees one of the 4 simulated devices.
-    assert script.main(["--data-dir", str(learnable_data_dir), "--out", str(out), "--epochs", "1", "--parallel"]) == 0
+    # --workers 3: each model taken by one of three worker processes, each seeing one of the 4 simulated devices.
+    assert script.main(["--data-dir", str(learnable_data_dir), "--out", str(out), "--epochs", "1", "--workers", "3"]) == 0
     rows = read_csv(out / "results.csv")
     assert [row["model"] for row in rows] == ["model0", "model1", "model2"]
     assert [int(row["params"]) for row in rows] == [int(row["tutorial_params"]) for row in rows] == [
@@ -393,10 +511,7 @@ def test_reproduce_tutorial_script_in_parallel_workers_puts_the_tutorials_number
     saved = [json.loads((workdir / "config.json").read_text()) for workdir in workdirs]
     assert [(c["optimizer"], c["learning_rate"], c["epochs"]) for c in saved] == [
         ("adam", 1e-3, 1), ("adam", 1e-3, 1), ("sgd", 1e-2, 1)]
-    assert sorted(json.loads((w / RUN_RECORD_FILE).read_text())["device"] for w in workdirs) == [0, 1, 2]
-    for row, workdir in zip(rows, workdirs):  # each worker's own output: its epoch line
-        test_metrics = f"test loss {float(row['test_loss']):.4f} acc {float(row['test_accuracy']):.4f}"
-        assert test_metrics in (workdir / "train.log").read_text()
+    assert trained_once_each(out) == {f"model={model}" for model in ("model0", "model1", "model2")}
     markdown = (out / "results.md").read_text()
     assert "| model=model2 | model2 | 3,404,042 | 3,404,042 |" in markdown and "| 0.5813 |" in markdown
     assert "1 epochs, not the tutorial's 10" in markdown

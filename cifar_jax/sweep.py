@@ -1,0 +1,184 @@
+"""A comparison's runs as the trials of an Optuna study, so that any number of processes, on any number of machines,
+share one sweep: the study lives in a storage they all reach (an SQLite file inside the comparison folder by
+default; a journal file on a shared filesystem; PostgreSQL or MySQL by URL), each run is queued once, and a worker
+takes the next one nobody has taken.
+
+Optuna's own heartbeat only runs inside `study.optimize`, and journal storages have none, so the rule for a worker
+that died (kill -9, a lost host) is ours and the same on every storage: a worker stamps its trial every
+HEARTBEAT_SECONDS; a running trial whose stamp is older than STALE_AFTER_SECONDS is failed and its run queued again,
+to resume from its checkpoints.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+from cifar_jax.callbacks import Callback, TrainingRun
+from cifar_jax.errors import ConfigError, one_line
+
+STUDY_NAME_PREFIX = "cifar-jax-compare:"
+STUDY_FILE = "study.db"  # the default storage: SQLite inside the comparison folder
+LOCK_FILE = ".sweep.lock"
+HEARTBEAT_SECONDS = float(os.environ.get("CIFAR_JAX_SWEEP_HEARTBEAT_SECONDS", 20))
+STALE_AFTER_SECONDS = float(os.environ.get("CIFAR_JAX_SWEEP_STALE_SECONDS", 120))
+PRUNERS = ("none", "median", "hyperband")
+RUN_ATTR, ALIVE_ATTR = "run", "alive_at"
+
+
+def storage_spec(out_dir: Path, storage: Optional[str]) -> str:
+    """The storage a comparison uses: the one given (a URL, or a journal file's path), else SQLite in OUT."""
+    return storage or f"sqlite:///{Path(out_dir).absolute() / STUDY_FILE}"
+
+
+def open_storage(spec: str):
+    import optuna
+
+    if "://" not in spec:  # a journal file, on a filesystem every worker sees
+        from optuna.storages.journal import JournalFileBackend
+
+        try:
+            return optuna.storages.JournalStorage(JournalFileBackend(str(Path(spec).expanduser())))
+        except OSError as error:
+            raise ConfigError(f"cannot open the journal storage {spec} ({one_line(error)}): give a file in a "
+                              "folder you can write to") from None
+    try:
+        return optuna.storages.RDBStorage(spec)
+    except Exception as error:  # SQLAlchemy's many ways of saying a URL or server cannot be used
+        if isinstance(error, ImportError) or "Failed to import DB access module" in str(error):
+            raise ConfigError(f"the storage {spec.split('://')[0]}:// needs a database driver that is not "
+                              "installed: pip install 'cifar-jax[postgres]' (PostgreSQL) or a MySQL driver such as "
+                              "pymysql") from None
+        raise ConfigError(f"cannot open the storage {spec} ({one_line(error)[:200]}): check the URL, that the "
+                          "server runs and that you may connect") from None
+
+
+def pruner_for(name: str, epochs: int):
+    """Settings that work for sweeps of a handful of runs: median stops a run below the median of finished runs at
+    the same epoch once two have finished; hyperband keeps a third of the runs at each rung from the first epoch."""
+    import optuna
+
+    if name not in PRUNERS:
+        raise ConfigError(f"unknown pruner {name!r}: choose one of {', '.join(PRUNERS)}")
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 1), reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def open_study(out_dir: Path, storage: Optional[str], identity: Mapping[str, Any], pruner: str, epochs: int):
+    """The comparison's study, made on first use. One that holds another sweep (other grid fields or base settings)
+    is refused: its trials would be mixed with these."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    name = STUDY_NAME_PREFIX + Path(out_dir).absolute().name
+    study = optuna.create_study(study_name=name, storage=open_storage(storage_spec(out_dir, storage)),
+                                direction="maximize", load_if_exists=True, pruner=pruner_for(pruner, epochs),
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    saved = study.user_attrs.get("comparison")
+    if saved is None:
+        study.set_user_attr("comparison", dict(identity))
+    elif saved != dict(identity):
+        raise ConfigError(f"the storage holds a different sweep under the name {name!r} (saved {saved}, asked "
+                          f"{dict(identity)}): use a new --out, or another --storage")
+    return study
+
+
+@contextlib.contextmanager
+def locked(out_dir: Path) -> Iterator[None]:
+    """One process at a time queues runs or takes the next (on a shared filesystem: across machines too)."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(out_dir) / LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def fail_stale_trials(study) -> list[str]:
+    """Fail the running trials whose worker stopped stamping them (killed, host lost); their run names."""
+    from optuna.trial import TrialState
+
+    stale = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        alive_at = trial.user_attrs.get(ALIVE_ATTR, trial.datetime_start.timestamp() if trial.datetime_start else 0)
+        if time.time() - alive_at > STALE_AFTER_SECONDS:
+            study.tell(trial.number, state=TrialState.FAIL)
+            stale.append(trial.user_attrs.get(RUN_ATTR))
+    return stale
+
+
+def queue_runs(study, out_dir: Path, runs: Sequence[tuple[str, dict]]) -> list[str]:
+    """Queue each (run name, grid settings) that is not queued or running already; the names queued now."""
+    from optuna.trial import TrialState
+
+    with locked(out_dir):
+        fail_stale_trials(study)
+        busy = {trial.user_attrs.get(RUN_ATTR) for trial in study.get_trials(
+            deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))}
+        queued = [name for name, _ in runs if name not in busy]
+        for name, settings in runs:
+            if name in queued:
+                study.enqueue_trial(dict(settings), user_attrs={RUN_ATTR: name})
+    return queued
+
+
+def take_next(study, out_dir: Path):
+    """The next queued run's trial, now running in this process; None when the queue is empty."""
+    from optuna.trial import TrialState
+
+    with locked(out_dir):
+        fail_stale_trials(study)
+        if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            return None
+        trial = study.ask()
+        trial.set_user_attr(ALIVE_ATTR, time.time())
+        return trial
+
+
+def running_runs(study) -> set[str]:
+    from optuna.trial import TrialState
+
+    return {trial.user_attrs.get(RUN_ATTR) for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+
+
+@contextlib.contextmanager
+def heartbeat(trial) -> Iterator[None]:
+    """Stamp the trial every HEARTBEAT_SECONDS while its run trains, so other workers know it is alive."""
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(HEARTBEAT_SECONDS):
+            try:
+                trial.set_user_attr(ALIVE_ATTR, time.time())
+            except Exception:  # a storage hiccup: the next beat tries again
+                pass
+
+    thread = threading.Thread(target=beat, name="cifar-jax-sweep-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+class PruningReport(Callback):
+    """Reports each epoch's test accuracy to the trial; a run the pruner stops ends after that epoch, saved."""
+
+    PRUNED = "pruned by the sweep's pruner"
+
+    def __init__(self, trial):
+        self.trial = trial
+
+    def on_epoch_end(self, run: TrainingRun, metrics: dict) -> None:
+        self.trial.report(metrics["test_accuracy"], metrics["epoch"])
+        if self.trial.should_prune():
+            run.request_stop(self.PRUNED)
