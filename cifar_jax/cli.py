@@ -213,11 +213,13 @@ def _compare(args: argparse.Namespace) -> int:
     from cifar_jax.distributed import exiting_at_once_on_stuck_threads
 
     spec = comparison_from_options(args.config, given_fields(args, TrainConfig), args.models, args.grid or (),
-                                   args.out, args.workers, args.storage, args.prune)
+                                   args.out, args.workers, args.storage, args.prune, args.search or (), args.trials,
+                                   args.sampler)
     if spec.workers == 1:  # with several, this process must not claim the devices its workers need
         announce_backend()
-    rows = exiting_at_once_on_stuck_threads(lambda: compare(spec.base, spec.grid, spec.out, workers=spec.workers,
-                                                            storage=spec.storage, prune=spec.prune))
+    rows = exiting_at_once_on_stuck_threads(lambda: compare(
+        spec.base, spec.grid, spec.out, workers=spec.workers, storage=spec.storage, prune=spec.prune,
+        search=spec.search, trials=spec.trials, sampler=spec.sampler))
     statuses = [row["status"] for row in rows]
     out = Path(spec.out or spec.base.workdir)
     print(f"{len(rows)} run{'s' * (len(rows) != 1)}: "
@@ -258,6 +260,12 @@ def _add_compare_parser(commands) -> None:
                              "or a journal file on a shared filesystem (default: OUT/study.db)")
     parser.add_argument("--prune", choices=("none", "median", "hyperband"), default=None,
                         help="stop hopeless runs early by their test accuracy per epoch (default: none)")
+    parser.add_argument("--search", action="append", metavar="FIELD=SPEC", default=None,
+                        help="a config field to sample instead of a grid: log:LOW:HIGH, uniform:LOW:HIGH, "
+                             "int:LOW:HIGH or choice:A,B,C (repeatable; the grid's fields become choices)")
+    parser.add_argument("--trials", type=int, default=None, help="a search's number of runs in all (not per worker)")
+    parser.add_argument("--sampler", choices=("tpe", "random"), default=None,
+                        help="how a search samples, seeded by --seed (default: tpe)")
     add_dataclass_flags(parser, TrainConfig, skip=("model", "workdir", "resume"))
     parser.set_defaults(handler=_compare)
 

@@ -139,10 +139,45 @@ def parse_grid_option(option: str) -> tuple[str, list[str]]:
     return _known_field(name), [value.strip() for value in values.split(",")]
 
 
+def parse_search(field: str, spec: Any) -> sweep.Dimension:
+    """'log:1e-4:1e-2', 'uniform:0:0.3', 'int:0:8' or 'choice:adam,sgd' as a searched dimension of `field`."""
+    kind, _, rest = str(spec).partition(":")
+    kind_of_field = config_field_types()[field][0]
+    if kind not in sweep.SEARCH_KINDS or not rest:
+        raise ConfigError(f"--search {field}={spec!r} is not FIELD=KIND:...: use log:LOW:HIGH, uniform:LOW:HIGH, "
+                          "int:LOW:HIGH or choice:A,B,C")
+    if kind == "choice":
+        return sweep.Dimension("choice", choices=tuple(dict.fromkeys(parse_value(field, v) for v in rest.split(","))))
+    numeric = int if kind == "int" else kind_of_field
+    if numeric not in (int, float) or (kind == "int" and kind_of_field is not int):
+        raise ConfigError(f"{field} cannot be searched with {kind}: it takes {kind_of_field.__name__} values; "
+                          f"use choice:A,B,C")
+    low, _, high = rest.partition(":")
+    try:
+        low, high = numeric(low), numeric(high)
+    except ValueError:
+        raise ConfigError(f"--search {field}={spec!r}: LOW and HIGH must be {numeric.__name__}s") from None
+    if not low < high or (kind == "log" and low <= 0):
+        raise ConfigError(f"--search {field}={spec!r}: give LOW < HIGH" + (", both above 0" if kind == "log" else ""))
+    return sweep.Dimension(kind, low, high)
+
+
+def typed_search(search: Mapping[str, Any]) -> dict[str, sweep.Dimension]:
+    return {_known_field(name): parse_search(_known_field(name), spec) for name, spec in search.items()}
+
+
+def parse_search_option(option: str) -> tuple[str, str]:
+    name, equals, spec = option.partition("=")
+    if not equals or not spec.strip():
+        raise ConfigError(f"--search {option!r} is not FIELD=KIND:...: e.g. --search learning_rate=log:1e-4:1e-2")
+    return _known_field(name), spec.strip()
+
+
 # ---------------------------------------------------------------- a comparison from a file and the command line
 
 
-FILE_KEYS = {"base": dict, "grid": dict, "out": str, "workers": int, "storage": str, "prune": str}
+FILE_KEYS = {"base": dict, "grid": dict, "search": dict, "out": str, "workers": int, "storage": str, "prune": str,
+             "trials": int, "sampler": str}
 
 
 def read_comparison_file(path: str | Path) -> dict:
@@ -181,11 +216,16 @@ class Comparison:
     workers: int = 1
     storage: Optional[str] = None
     prune: str = "none"
+    search: dict = dataclasses.field(default_factory=dict)
+    trials: Optional[int] = None
+    sampler: str = "tpe"
 
 
 def comparison_from_options(config_file: Optional[str], overrides: Mapping[str, Any], models: Optional[str],
                             grid_options: Sequence[str], out: Optional[str], workers: Optional[int] = None,
-                            storage: Optional[str] = None, prune: Optional[str] = None) -> Comparison:
+                            storage: Optional[str] = None, prune: Optional[str] = None,
+                            search_options: Sequence[str] = (), trials: Optional[int] = None,
+                            sampler: Optional[str] = None) -> Comparison:
     """The comparison from an optional file, overridden by command-line flags and --grid."""
     spec = read_comparison_file(config_file) if config_file else {}
     # Base values are one value each, of their field's type (a list belongs in the grid).
@@ -202,8 +242,10 @@ def comparison_from_options(config_file: Optional[str], overrides: Mapping[str, 
             raise ConfigError("models are given both by --models and --grid model=...: use one of them")
         command_line_grid = {"model": [model.strip() for model in models.split(",")], **command_line_grid}
     grid = {**{k: v for k, v in grid.items() if k not in command_line_grid}, **typed_grid(command_line_grid)}
+    search = {**spec.get("search", {}), **dict(parse_search_option(option) for option in search_options)}
     return Comparison(base, grid, out or spec.get("out"), workers or spec.get("workers", 1),
-                      storage or spec.get("storage"), prune or spec.get("prune", "none"))
+                      storage or spec.get("storage"), prune or spec.get("prune", "none"), search,
+                      trials or spec.get("trials"), sampler or spec.get("sampler", "tpe"))
 
 
 # ---------------------------------------------------------------- runs
@@ -230,12 +272,7 @@ def run_name(settings: Mapping[str, Any]) -> str:
 
 def plan_runs(base: TrainConfig, grid: Mapping[str, list], out_dir: Path) -> list[Run]:
     """One run per point of the grid's cross product, the first field varying slowest."""
-    runs = []
-    for values in itertools.product(*grid.values()):
-        settings = dict(zip(grid, values))
-        name = run_name(settings)
-        workdir = str(out_dir / RUNS_SUBDIR / name)
-        runs.append(Run(name, settings, dataclasses.replace(base, **settings, workdir=workdir, resume=True)))
+    runs = [make_run(base, dict(zip(grid, values)), out_dir) for values in itertools.product(*grid.values())]
     names = [run.name for run in runs]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
@@ -243,7 +280,13 @@ def plan_runs(base: TrainConfig, grid: Mapping[str, list], out_dir: Path) -> lis
     return runs
 
 
-def check_out_dir(runs: Sequence[Run], out_dir: Path) -> None:
+def make_run(base: TrainConfig, settings: Mapping[str, Any], out_dir: Path, name: Optional[str] = None) -> Run:
+    name = name or run_name(settings)
+    workdir = str(out_dir / RUNS_SUBDIR / name)
+    return Run(name, dict(settings), dataclasses.replace(base, **settings, workdir=workdir, resume=True))
+
+
+def check_out_dir(runs: Sequence[Run], out_dir: Path, check_left_out: bool = True) -> None:
     """Refuse an --out that holds a comparison with other settings or other runs before anything trains: rerunning
     into it would mark its finished runs failed, or rewrite its tables without them. (An invalid setting fails only
     its own run, later.)"""
@@ -257,7 +300,7 @@ def check_out_dir(runs: Sequence[Run], out_dir: Path) -> None:
         _check_same_run(run, requested, out_dir)
     # A grid may grow (its tables then show every run), but one that leaves earlier runs out would drop their rows;
     # a run that failed before finishing an epoch (a bad value in the grid) has no results to lose.
-    left_out = sorted(_earlier_runs_with_results(out_dir) - {run.name for run in runs})
+    left_out = sorted(_earlier_runs_with_results(out_dir) - {run.name for run in runs}) if check_left_out else []
     if left_out:
         raise ConfigError(f"{out_dir} holds a comparison with runs this grid leaves out ({', '.join(left_out)}): "
                           "use a new --out, or include them in the grid")
@@ -349,22 +392,51 @@ def train_run(config: TrainConfig, callbacks: Sequence = ()) -> dict:
 # ---------------------------------------------------------------- the study: queue, workers
 
 
-def comparison_identity(base: TrainConfig, grid: Mapping[str, list]) -> dict:
-    """What makes two comparisons the same sweep: the grid's fields and the base settings that define runs."""
-    resolved = dataclasses.asdict(base)
-    return {"grid": sorted(grid), "base": {name: resolved[name] for name in RUN_IDENTITY_FIELDS
-                                           if name not in grid and resolved[name] is not None}}
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """One comparison as its workers see it: the base config, the grid or search, where the study lives."""
 
+    out_dir: Path
+    base: TrainConfig
+    grid: dict  # field → values, typed
+    search: dict = dataclasses.field(default_factory=dict)  # field → sweep.Dimension
+    trials: Optional[int] = None  # a search's total number of runs
+    sampler: str = "tpe"
+    storage: Optional[str] = None
+    prune: str = "none"
 
-def open_comparison_study(out_dir: Path, base: TrainConfig, grid: Mapping[str, list], storage: Optional[str],
-                          prune: str):
-    epochs = max(run_epochs for run_epochs in grid.get("epochs", [base.epochs or 10]))
-    return sweep.open_study(out_dir, storage, comparison_identity(base, grid), prune, epochs)
+    @property
+    def space(self) -> dict:
+        """Every varying field as a dimension: a search's, and the grid's as choices."""
+        grid = {field: sweep.Dimension("choice", choices=tuple(dict.fromkeys(values)))
+                for field, values in self.grid.items()}
+        return {**grid, **self.search}
+
+    def identity(self) -> dict:
+        """What makes two comparisons the same sweep: the varying fields and the base settings that define runs."""
+        resolved = dataclasses.asdict(self.base)
+        return {"grid": sorted(self.grid), "search": {f: d.describe() for f, d in sorted(self.search.items())},
+                "base": {name: resolved[name] for name in RUN_IDENTITY_FIELDS
+                         if name not in self.space and resolved[name] is not None}}
+
+    def open_study(self):
+        epochs = max(self.grid.get("epochs", [self.base.epochs or 10]))
+        return sweep.open_study(self.out_dir, self.storage, self.identity(), self.prune, epochs,
+                                sampler=self.sampler if self.search else "random", seed=self.base.seed)
+
+    def to_json(self) -> dict:
+        return {"base": self.base.to_dict(), "grid": self.grid, "search": {f: d.describe() for f, d in
+                                                                           self.search.items()},
+                "trials": self.trials, "sampler": self.sampler, "storage": self.storage, "prune": self.prune}
+
+    @classmethod
+    def from_json(cls, out_dir: Path, spec: dict) -> "Sweep":
+        return cls(out_dir, TrainConfig.from_dict(spec["base"]), typed_grid(spec["grid"]),
+                   typed_search(spec["search"]), spec["trials"], spec["sampler"], spec["storage"], spec["prune"])
 
 
 def tell(study, trial, record: dict) -> None:
-    """The run's end as the trial's: its last test accuracy (the objective), pruned, or failed (queued again by
-    the next compare, like an interrupted run)."""
+    """The run's end as the trial's: its last test accuracy (the objective), pruned, or failed."""
     from optuna.trial import TrialState
 
     if record["status"] == FINISHED:
@@ -373,21 +445,29 @@ def tell(study, trial, record: dict) -> None:
         study.tell(trial, state=TrialState.PRUNED if record["status"] == PRUNED else TrialState.FAIL)
 
 
-def work_on_study(out_dir: Path, study, runs: Sequence[Run], grid: Mapping[str, list], prune: str,
-                  on_run_end=lambda: None) -> None:
-    """Take the next queued run, train it, report it; until the queue is empty, a run is interrupted, or a failed
-    checkpoint write ends the process."""
-    by_name = {run.name: run for run in runs}
-    while (trial := sweep.take_next(study, out_dir)) is not None:
-        run = by_name.get(trial.user_attrs.get(sweep.RUN_ATTR))
-        if run is None:  # queued by a comparison with a grid this one does not hold: left to it
-            study.tell(trial, state=_fail_state())
+def work_on_study(spec: Sweep, study, runs: Sequence[Run], on_run_end=lambda: None) -> None:
+    """Take the next run (queued, or for a search a new sample), train it, report it; until nothing is left, a run
+    is interrupted, or a failed checkpoint write ends the process."""
+    from optuna.trial import TrialState
+
+    space, by_name = spec.space, {run.name: run for run in runs}
+
+    def prepare(trial) -> None:  # its parameters (a queued trial's fixed ones) and its run's name
+        settings = {field: dimension.suggest(trial, field) for field, dimension in space.items()}
+        # A search's every trial is a run of its own, even where two sample the same values.
+        name = run_name({"trial": trial.number, **settings}) if spec.search else run_name(settings)
+        trial.set_user_attr(sweep.RUN_ATTR, trial.user_attrs.get(sweep.RUN_ATTR) or name)
+
+    budget = spec.trials if spec.search else None
+    while (trial := sweep.take_next(study, spec.out_dir, prepare, budget)) is not None:
+        name = trial.user_attrs[sweep.RUN_ATTR]
+        if not spec.search and name not in by_name:  # queued by a comparison with another grid: left to it
+            study.tell(trial, state=TrialState.FAIL)
             continue
-        for field, values in grid.items():  # the trial's parameters, as Optuna's tables and plots show them
-            trial.suggest_categorical(field, list(dict.fromkeys(values)))
+        run = by_name.get(name) or make_run(spec.base, {f: trial.params[f] for f in space}, spec.out_dir, name)
         print(f"{run.name}: training (trial {trial.number})", flush=True)
         with sweep.heartbeat(trial):
-            record = train_run(run.config, [sweep.PruningReport(trial)] if prune != "none" else [])
+            record = train_run(run.config, [sweep.PruningReport(trial)] if spec.prune != "none" else [])
         tell(study, trial, record)
         _announce(run, record)
         on_run_end()
@@ -395,10 +475,14 @@ def work_on_study(out_dir: Path, study, runs: Sequence[Run], grid: Mapping[str, 
             return
 
 
-def _fail_state():
-    from optuna.trial import TrialState
-
-    return TrialState.FAIL
+def searched_runs(spec: Sweep, study) -> list[Run]:
+    """A search's runs so far, in the order they were first sampled."""
+    first = {}
+    for trial in study.get_trials(deepcopy=False):
+        name = trial.user_attrs.get(sweep.RUN_ATTR)
+        if name and name not in first and set(spec.space) <= set(trial.params):
+            first[name] = make_run(spec.base, {f: trial.params[f] for f in spec.space}, spec.out_dir, name)
+    return list(first.values())
 
 
 def _announce(run: Run, record: dict) -> None:
@@ -453,10 +537,9 @@ def run_workers(out_dir: Path, count: int) -> list[int]:
         return [worker.wait() for worker in workers]
 
 
-def write_spec(out_dir: Path, base: TrainConfig, grid: Mapping[str, list], storage: Optional[str],
-               prune: str) -> None:
+def write_spec(spec: Sweep) -> None:
     """What a worker needs to join the sweep, beside its runs (a worker on another machine reads it too)."""
-    rundir.write_json(out_dir / SPEC_FILE, {"base": base.to_dict(), "grid": grid, "storage": storage, "prune": prune})
+    rundir.write_json(spec.out_dir / SPEC_FILE, spec.to_json())
 
 
 # ---------------------------------------------------------------- results
@@ -567,27 +650,31 @@ def plot_test_curves(histories: Mapping[str, Sequence[dict]], out_path: Path) ->
     return save_figure(figure, out_path)
 
 
-def comparison_notes(base: TrainConfig, grid: Mapping[str, list], rows: Sequence[Mapping[str, Any]]) -> list[str]:
+def comparison_notes(spec: Sweep, rows: Sequence[Mapping[str, Any]]) -> list[str]:
     statuses = [row["status"] for row in rows]
     counts = ", ".join(f"{statuses.count(status)} {status}" for status in dict.fromkeys(statuses))
     defaults = TrainConfig()
-    shared = [f"`{field}={value}`" for field, value in base.to_dict().items()
-              if field not in grid and field not in (*FIELDS_COMPARE_SETS, "progress")
+    shared = [f"`{field}={value}`" for field, value in spec.base.to_dict().items()
+              if field not in spec.space and field not in (*FIELDS_COMPARE_SETS, "progress")
               and value != getattr(defaults, field)]
-    return [f"Grid: {' × '.join(grid) or 'none'} ({counts}). "
-            f"Every run: {', '.join(shared) or 'the defaults'}; each in `{RUNS_SUBDIR}/RUN/`.",
-            "", "Metrics after each run's last epoch; train seconds count training steps only; "
-                "images/s over all its epochs."]
+    varying = f"Grid: {' × '.join(spec.grid) or 'none'}" if not spec.search else (
+        f"Search ({spec.sampler}, {spec.trials} trials): "
+        + ", ".join(f"`{field}` {dimension.describe()}" for field, dimension in spec.space.items()))
+    return [f"{varying} ({counts}). Every run: {', '.join(shared) or 'the defaults'}; each in `{RUNS_SUBDIR}/RUN/`.",
+            "", "Metrics after each run's last epoch (the sweep's objective: its last test accuracy); train seconds "
+                "count training steps only; images/s over all its epochs."]
 
 
-def write_results(out_dir: Path, runs: Sequence[Run], base: TrainConfig, grid: Mapping[str, list],
-                  plot: bool = False, study=None) -> list[dict]:
+def write_results(spec: Sweep, runs: Sequence[Run], plot: bool = False, study=None) -> list[dict]:
     running = sweep.running_runs(study) if study is not None else set()
-    rows = [run_row(run, list(grid), running) for run in runs]
+    fields = list(spec.space)
+    rows = [run_row(run, fields, running) for run in runs]
     if plot:
-        plot_test_curves({run.name: rundir.read_history(run.workdir) for run in runs}, out_dir / CURVES_PNG)
-    write_tables(out_dir, rows, result_columns(list(grid)), f"Comparison of {len(runs)} run{'s' * (len(runs) != 1)}",
-                 comparison_notes(base, grid, rows))
+        plot_test_curves({run.name: rundir.read_history(run.workdir) for run in runs}, spec.out_dir / CURVES_PNG)
+        if study is not None:
+            sweep.write_plots(study, spec.out_dir, searched=bool(spec.search))
+    title = f"{'Search' if spec.search else 'Comparison'} of {len(runs)} run{'s' * (len(runs) != 1)}"
+    write_tables(spec.out_dir, rows, result_columns(fields), title, comparison_notes(spec, rows))
     return rows
 
 
@@ -603,15 +690,43 @@ def settled_runs(runs: Sequence[Run]) -> list[Run]:
 
 
 def compare(base_config: TrainConfig, grid: Mapping[str, Any], out_dir: Optional[str | Path] = None, *,
-            workers: int = 1, storage: Optional[str] = None, prune: str = "none") -> list[dict]:
-    """Train every point of `grid` on top of `base_config` and return the results table, one dict per run.
+            workers: int = 1, storage: Optional[str] = None, prune: str = "none",
+            search: Optional[Mapping[str, str]] = None, trials: Optional[int] = None, sampler: str = "tpe") -> list[dict]:
+    """Train every point of `grid` (or `trials` runs sampled from `search`) on top of `base_config`; return the
+    results table, one dict per run.
 
-    `grid` maps config fields to lists of values (text is parsed to the field's type). The runs live in
-    OUT_DIR/runs/NAME (OUT_DIR defaults to base_config.workdir) and are the trials of an Optuna study in `storage`
-    (default: OUT_DIR/study.db): `workers` processes here, and the same call on other machines, share them. Finished
-    runs are skipped, interrupted ones resumed, failed ones recorded with their error and tried again next time;
-    `prune` (median, hyperband) stops hopeless runs early. Writes OUT_DIR/results.csv, results.md, test_curves.png.
+    `grid` maps config fields to lists of values (text is parsed to the field's type); `search` maps fields to
+    'log:LOW:HIGH', 'uniform:LOW:HIGH', 'int:LOW:HIGH' or 'choice:A,B' (a grid's fields then become choices). The runs
+    live in OUT_DIR/runs/NAME (OUT_DIR defaults to base_config.workdir) and are the trials of an Optuna study in
+    `storage` (default: OUT_DIR/study.db): `workers` processes here, and the same call on other machines, share
+    them. Finished runs are skipped, interrupted ones resumed, failed ones recorded with their error; `prune`
+    (median, hyperband) stops hopeless runs early. Writes OUT_DIR/results.csv, results.md and the plots.
     """
+    spec = _checked_sweep(base_config, grid, out_dir, workers, storage, prune, search or {}, trials, sampler)
+    runs = [] if spec.search else plan_runs(spec.base, spec.grid, spec.out_dir)
+    check_out_dir(runs, spec.out_dir, check_left_out=not spec.search)
+    spec.out_dir.mkdir(parents=True, exist_ok=True)
+    study = spec.open_study()
+    if spec.search:
+        sweep.requeue_interrupted(study, spec.out_dir, lambda name: _interrupted(spec.out_dir / RUNS_SUBDIR / name))
+    else:
+        settled = {run.name for run in settled_runs(runs)}
+        sweep.queue_runs(study, spec.out_dir, [(run.name, run.settings) for run in runs if run.name not in settled])
+    current_runs = (lambda: searched_runs(spec, study)) if spec.search else (lambda: runs)
+    if workers == 1:
+        work_on_study(spec, study, runs, lambda: write_results(spec, current_runs(), study=study))
+    else:
+        write_spec(spec)
+        run_workers(spec.out_dir, workers)
+    return write_results(spec, current_runs(), plot=True, study=study)
+
+
+def _interrupted(workdir: Path) -> bool:
+    """A search's run to take again: interrupted, or its worker died before it could say how it ended."""
+    return read_run_record(workdir).get("status", INTERRUPTED) == INTERRUPTED
+
+
+def _checked_sweep(base_config, grid, out_dir, workers, storage, prune, search, trials, sampler) -> Sweep:
     if not isinstance(base_config, TrainConfig):
         raise ConfigError(f"compare() takes a TrainConfig as its base, got {type(base_config).__name__}")
     if not isinstance(grid, Mapping):
@@ -621,26 +736,25 @@ def compare(base_config: TrainConfig, grid: Mapping[str, Any], out_dir: Optional
     if not folder:
         raise ConfigError("give the comparison folder: --out DIR on the command line, out_dir=DIR from Python")
     check_positive_integer("workers", workers)
-    folder = Path(folder).expanduser()
-    grid = typed_grid(grid)
-    runs = plan_runs(base_config, grid, folder)
-    check_out_dir(runs, folder)
+    typed = typed_search(search)
+    if search and trials is None:
+        raise ConfigError("a search needs --trials N: how many runs to sample in all")
+    if trials is not None and not search:
+        raise ConfigError("--trials counts a search's runs; a grid trains each of its points: drop --trials, or add "
+                          "--search FIELD=KIND:...")
+    if trials is not None:
+        check_positive_integer("trials", trials)
+    sweep.sampler_for(sampler, 0)  # refused now rather than once workers start
     if workers > 1 and base_config.num_devices not in (None, 1):
         raise ConfigError("--workers trains each run on one device: drop --num-devices, or --workers")
     # Checked only with one worker: asking JAX would make this process claim the devices its workers need.
     if workers == 1 and jax.process_count() > 1:
         raise ConfigError("compare runs in a single process: train multi-host runs one by one with `cifar-jax train`")
-    folder.mkdir(parents=True, exist_ok=True)
-    study = open_comparison_study(folder, base_config, grid, storage, prune)
-    settled = {run.name for run in settled_runs(runs)}
-    sweep.queue_runs(study, folder, [(run.name, run.settings) for run in runs if run.name not in settled])
-    on_run_end = functools.partial(write_results, folder, runs, base_config, grid, study=study)
-    if workers == 1:
-        work_on_study(folder, study, runs, grid, prune, on_run_end)
-    else:
-        write_spec(folder, base_config, grid, storage, prune)
-        run_workers(folder, workers)
-    return write_results(folder, runs, base_config, grid, plot=True, study=study)
+    grid = typed_grid(grid)
+    both = sorted(set(typed) & set(grid))
+    if both:
+        raise ConfigError(f"{', '.join(both)} is both searched and in the grid: give each field one of them")
+    return Sweep(Path(folder).expanduser(), base_config, grid, typed, trials, sampler, storage, prune)
 
 
 def worker_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -655,11 +769,10 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> int:
     if args.parent_pid is not None and not signal_on_parent_death(args.parent_pid, signal.SIGTERM):
         return 1
     spec_path = Path(args.worker)
-    spec = json.loads(spec_path.read_text())
-    base, grid, out_dir = TrainConfig.from_dict(spec["base"]), typed_grid(spec["grid"]), spec_path.parent
-    runs = plan_runs(dataclasses.replace(base, progress=False), grid, out_dir)
-    study = open_comparison_study(out_dir, base, grid, spec["storage"], spec["prune"])
-    exiting_at_once_on_stuck_threads(lambda: work_on_study(out_dir, study, runs, grid, spec["prune"]))
+    spec = Sweep.from_json(spec_path.parent, json.loads(spec_path.read_text()))
+    spec = dataclasses.replace(spec, base=dataclasses.replace(spec.base, progress=False))
+    runs = [] if spec.search else plan_runs(spec.base, spec.grid, spec.out_dir)
+    exiting_at_once_on_stuck_threads(lambda: work_on_study(spec, spec.open_study(), runs))
     return 0
 
 

@@ -11,6 +11,7 @@ to resume from its checkpoints.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import threading
@@ -71,7 +72,8 @@ def pruner_for(name: str, epochs: int):
     return optuna.pruners.NopPruner()
 
 
-def open_study(out_dir: Path, storage: Optional[str], identity: Mapping[str, Any], pruner: str, epochs: int):
+def open_study(out_dir: Path, storage: Optional[str], identity: Mapping[str, Any], pruner: str, epochs: int,
+               sampler: str = "random", seed: int = 0):
     """The comparison's study, made on first use. One that holds another sweep (other grid fields or base settings)
     is refused: its trials would be mixed with these."""
     import optuna
@@ -80,10 +82,12 @@ def open_study(out_dir: Path, storage: Optional[str], identity: Mapping[str, Any
     name = STUDY_NAME_PREFIX + Path(out_dir).absolute().name
     study = optuna.create_study(study_name=name, storage=open_storage(storage_spec(out_dir, storage)),
                                 direction="maximize", load_if_exists=True, pruner=pruner_for(pruner, epochs),
-                                sampler=optuna.samplers.RandomSampler(seed=0))
+                                sampler=sampler_for(sampler, seed))
     saved = study.user_attrs.get("comparison")
     if saved is None:
         study.set_user_attr("comparison", dict(identity))
+        study.set_user_attr("sampler", sampler)
+        study.set_user_attr("seed", seed)
     elif saved != dict(identity):
         raise ConfigError(f"the storage holds a different sweep under the name {name!r} (saved {saved}, asked "
                           f"{dict(identity)}): use a new --out, or another --storage")
@@ -130,17 +134,111 @@ def queue_runs(study, out_dir: Path, runs: Sequence[tuple[str, dict]]) -> list[s
     return queued
 
 
-def take_next(study, out_dir: Path):
-    """The next queued run's trial, now running in this process; None when the queue is empty."""
+def requeue_interrupted(study, out_dir: Path, is_interrupted) -> list[str]:
+    """Queue again a search's runs that did not end (interrupted, or their worker died), with their parameters."""
     from optuna.trial import TrialState
 
     with locked(out_dir):
         fail_stale_trials(study)
-        if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        trials = study.get_trials(deepcopy=False)
+        busy = {t.user_attrs.get(RUN_ATTR) for t in trials if t.state in (TrialState.WAITING, TrialState.RUNNING)}
+        ended = {t.user_attrs.get(RUN_ATTR) for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
+        again = {}
+        for trial in trials:
+            name = trial.user_attrs.get(RUN_ATTR)
+            if trial.state == TrialState.FAIL and name and name not in busy | ended and is_interrupted(name):
+                again[name] = trial.params
+        for name, params in again.items():
+            study.enqueue_trial(params, user_attrs={RUN_ATTR: name})
+    return list(again)
+
+
+def write_plots(study, out_dir: Path, searched: bool) -> None:
+    """Optuna's own pictures of the sweep (matplotlib): the objective over trials; for a search also which
+    parameters mattered and a parallel-coordinate view. A plot Optuna cannot draw yet (too few trials) is skipped."""
+    import warnings
+
+    import optuna.visualization.matplotlib as optuna_plots
+
+    plots = {"optimization_history.png": optuna_plots.plot_optimization_history}
+    if searched:
+        plots.update({"param_importances.png": optuna_plots.plot_param_importances,
+                      "parallel_coordinate.png": optuna_plots.plot_parallel_coordinate})
+    for file, plot in plots.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental, every call
+                axes = plot(study)
+            figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+            figure.savefig(Path(out_dir) / file, bbox_inches="tight")
+            import matplotlib.pyplot as pyplot
+
+            pyplot.close(figure)
+        except Exception as error:  # too few finished trials for this view, or a parameter Optuna cannot plot
+            (Path(out_dir) / file).unlink(missing_ok=True)
+            warnings.warn(f"no {file}: {one_line(error)}")
+
+
+def take_next(study, out_dir: Path, prepare, budget: Optional[int] = None):
+    """The next run's trial, now running in this process: a queued one, else (for a search with runs left in its
+    `budget`) a new one. `prepare(trial)` gives it its parameters and run name while no other worker can ask, so a
+    budget is never overshot. None when there is nothing left to take."""
+    from optuna.trial import TrialState
+
+    with locked(out_dir):
+        fail_stale_trials(study)
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        if not waiting and (budget is None or len(run_names(study)) >= budget):
             return None
+        # Each trial samples from a generator seeded by (seed, trial number): workers in other processes draw
+        # different values, and the same study replays the same ones.
+        study.sampler = sampler_for(study.user_attrs.get("sampler", "random"),
+                                    study.user_attrs.get("seed", 0) + len(study.get_trials(deepcopy=False)))
         trial = study.ask()
         trial.set_user_attr(ALIVE_ATTR, time.time())
+        prepare(trial)
         return trial
+
+
+def run_names(study) -> list[str]:
+    """Every run the study has handed out, once each, in the order they were first asked for."""
+    return list(dict.fromkeys(trial.user_attrs[RUN_ATTR] for trial in study.get_trials(deepcopy=False)
+                              if RUN_ATTR in trial.user_attrs))
+
+
+# ---------------------------------------------------------------- searches
+
+
+SEARCH_KINDS = ("log", "uniform", "int", "choice")
+
+
+@dataclasses.dataclass(frozen=True)
+class Dimension:
+    """One searched field: `log`/`uniform` floats (or ints) between low and high, `int`s, or a `choice` of values."""
+
+    kind: str
+    low: Any = None
+    high: Any = None
+    choices: tuple = ()
+
+    def suggest(self, trial, field: str) -> Any:
+        if self.kind == "choice":
+            return trial.suggest_categorical(field, list(self.choices))
+        if self.kind == "int" or isinstance(self.low, int):
+            return trial.suggest_int(field, self.low, self.high, log=self.kind == "log")
+        return trial.suggest_float(field, self.low, self.high, log=self.kind == "log")
+
+    def describe(self) -> str:
+        return f"choice:{','.join(map(str, self.choices))}" if self.kind == "choice" else \
+            f"{self.kind}:{self.low}:{self.high}"
+
+
+def sampler_for(name: str, seed: int):
+    import optuna
+
+    if name not in ("tpe", "random"):
+        raise ConfigError(f"unknown sampler {name!r}: choose tpe or random")
+    return optuna.samplers.TPESampler(seed=seed) if name == "tpe" else optuna.samplers.RandomSampler(seed=seed)
 
 
 def running_runs(study) -> set[str]:

@@ -365,7 +365,7 @@ def test_a_results_csv_that_is_not_a_comparisons_is_refused_not_overwritten(tmp_
 
 
 @pytest.mark.parametrize("content, message", [
-    ("[1, 2]", "holds a list: expected base, grid, out, workers, storage, prune as keys"),
+    ("[1, 2]", "holds a list: expected base, grid, search, out, workers, storage, prune, trials, sampler as keys"),
     ('{"base": [1]}', "base in .* is a list, not a dict"),
     ('{"grid": "lr"}', "grid in .* is a str, not a dict"),
     ('{"out": ["a"]}', "out in .* is a list, not a str"),
@@ -486,6 +486,52 @@ def test_a_storage_holding_another_sweep_under_this_out_is_refused(tmp_path, cap
     assert main(["compare", "--models", "model0", "--epochs", "1", "--data", "synthetic", "--out", str(out),
                  "--grid", "seed=0,1"]) == 2
     assert "the storage holds a different sweep under the name 'cifar-jax-compare:cmp'" in capsys.readouterr().err
+
+
+def search_arguments(data_dir: Path, out: Path, *more: str) -> list[str]:
+    return ["compare", "--models", "model0", "--search", "learning_rate=log:1e-4:1e-2", "--search",
+            "batch_size=choice:32,64", "--trials", "3", "--sampler", "random", "--seed", "5", "--epochs", "1",
+            "--eval-batch-size", "101", "--num-devices", "1", "--data-dir", str(data_dir), "--out", str(out),
+            "--no-progress", *more]
+
+
+@pytest.mark.slow
+def test_a_search_samples_inside_its_bounds_reproducibly_with_seed(learnable_data_dir, tmp_path):
+    samples = []
+    for name in ("first", "again"):
+        out = tmp_path / name
+        assert main(search_arguments(learnable_data_dir, out)) == 0
+        rows = read_csv(out / "results.csv")
+        assert len(rows) == 3 and {row["status"] for row in rows} == {"finished"}
+        assert list(rows[0])[:4] == ["run", "model", "learning_rate", "batch_size"]  # the sampled values as columns
+        samples.append([(float(row["learning_rate"]), int(row["batch_size"])) for row in rows])
+        assert all(1e-4 <= lr <= 1e-2 and batch in (32, 64) for lr, batch in samples[-1])
+        assert all((out / file).stat().st_size > 1000 for file in ("optimization_history.png",
+                                                                   "param_importances.png",
+                                                                   "parallel_coordinate.png"))
+    assert samples[0] == samples[1] and len({lr for lr, _ in samples[0]}) == 3
+    # A rerun trains nothing more: the search's 3 trials are done.
+    assert main(search_arguments(learnable_data_dir, tmp_path / "first")) == 0
+    assert len(read_csv(tmp_path / "first" / "results.csv")) == 3
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--search", "learning_rate=log:1e-2"], r"learning_rate='log:1e-2'.*LOW and HIGH must be floats"),
+    (["--search", "learning_rate=cubic:1:2"], "is not FIELD=KIND:...: use log:LOW:HIGH"),
+    (["--search", "learning_rate=log:0:1"], "give LOW < HIGH, both above 0"),
+    (["--search", "model=log:1:2"], "model cannot be searched with log: it takes str values; use choice:A,B,C"),
+    (["--search", "augment=uniform:0:1"], "augment cannot be searched with uniform: it takes bool values"),
+    (["--search", "epochs=int:x:3"], "LOW and HIGH must be ints"),
+    (["--search", "learning_rate=log:1e-4:1e-2"], "a search needs --trials N"),
+    (["--grid", "learning_rate=1e-3,1e-2", "--trials", "4"], "--trials counts a search's runs"),
+    (["--search", "nosuch=log:1:2", "--trials", "2"], "unknown config field 'nosuch'"),
+])
+def test_a_bad_search_is_one_line(tmp_path, capsys, arguments, message):
+    code = main(["compare", "--models", "model0", "--epochs", "1", "--data", "synthetic", "--out",
+                 str(tmp_path / "cmp"), *arguments])
+    error = capsys.readouterr().err
+    assert code == 2 and re.search(message, error) and error.count("\n") == 1, error
+    assert not (tmp_path / "cmp").exists()
 
 
 # ---------------------------------------------------------------- scripts/reproduce_tutorial.py
