@@ -28,3 +28,18 @@ def trained_run(learnable_data_dir, tmp_path_factory):
     config = TrainConfig(model="model0", epochs=2, batch_size=32, eval_batch_size=100, progress=False,
                          data_dir=str(learnable_data_dir), workdir=str(tmp_path_factory.mktemp("runs") / "model0"))
     return train(config)
+
+
+@pytest.fixture
+def learnable_data(monkeypatch, request):
+    """train() reads a small learnable problem instead of CIFAR-10 (the loader has its own tests): 512 training and
+    101 test images, or the test module's LEARNABLE_SIZES."""
+    import importlib
+
+    from learnable import class_coloured_dataset
+
+    num_train, num_test = getattr(request.module, "LEARNABLE_SIZES", (512, 101))
+    dataset = class_coloured_dataset(num_train=num_train, num_test=num_test)
+    monkeypatch.setattr(importlib.import_module("cifar_jax.train"), "load_cifar10",
+                        lambda data_dir=None, source="auto": dataset)
+    return dataset

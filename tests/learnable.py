@@ -1,6 +1,7 @@
 """A small problem the models can learn in seconds: each class has its own colour, plus noise."""
 import numpy as np
 
+from cifar_jax.config import TrainConfig
 from cifar_jax.data import CLASS_NAMES, Cifar10
 
 
@@ -26,3 +27,10 @@ def class_coloured_dataset(num_train: int = 512, num_test: int = 100, seed: int 
 
 def photo_batch(num_images: int = 8) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (num_images, 32, 32, 3)).astype(np.uint8)
+
+
+def quick_config(tmp_path, **overrides) -> TrainConfig:
+    """A model0 run of 2 epochs at batch 32 into TMP/run, without a progress bar; any field overridden."""
+    values = dict(model="model0", epochs=2, batch_size=32, eval_batch_size=40, workdir=str(tmp_path / "run"),
+                  progress=False)
+    return TrainConfig(**{**values, **overrides})

@@ -9,22 +9,14 @@ from cifar_jax import Callback, TrainConfig, train
 from cifar_jax.callbacks import epoch_line
 from cifar_jax.train import default_callbacks
 from cifar_jax.optim import learning_rate_schedule
-from learnable import class_coloured_dataset
+from learnable import quick_config
 
 train_module = importlib.import_module("cifar_jax.train")
+LEARNABLE_SIZES = (256, 40)  # training and test images of the learnable problem
 
 
-@pytest.fixture
-def learnable_data(monkeypatch):
-    dataset = class_coloured_dataset(num_train=256, num_test=40)
-    monkeypatch.setattr(train_module, "load_cifar10", lambda data_dir=None, source="auto": dataset)
-    return dataset
 
 
-def quick_config(tmp_path, **overrides) -> TrainConfig:
-    values = dict(model="model0", epochs=3, batch_size=32, eval_batch_size=40, workdir=str(tmp_path / "run"),
-                  progress=False)
-    return TrainConfig(**{**values, **overrides})
 
 
 class Recorder(Callback):
@@ -59,14 +51,14 @@ def test_callbacks_are_called_in_order_with_each_epochs_metrics(tmp_path, learna
 def test_a_callback_stops_the_run_cleanly_after_its_epoch_and_the_run_resumes(tmp_path, learnable_data):
     recorder = Recorder(stop_after_epoch=1)
     # checkpoint_every 5: the stopped epoch is saved anyway, so nothing trained is lost
-    stopped = train(quick_config(tmp_path, checkpoint_every=5), callbacks=[recorder])
+    stopped = train(quick_config(tmp_path, epochs=3, checkpoint_every=5), callbacks=[recorder])
     assert stopped.stopped_by == "test accuracy too low" and not stopped.interrupted
     assert [row["epoch"] for row in stopped.history] == [1]
     assert recorder.calls[-1] == ("end", 1)
     lines = (stopped.workdir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1]
     assert sorted(int(p.name) for p in (stopped.workdir / "checkpoints").iterdir()) == [8]  # epoch 1's last step
-    resumed = train(quick_config(tmp_path, checkpoint_every=5))
+    resumed = train(quick_config(tmp_path, epochs=3, checkpoint_every=5))
     assert [row["epoch"] for row in resumed.history] == [1, 2, 3] and resumed.stopped_by is None
 
 
@@ -76,7 +68,7 @@ def test_a_stop_asked_in_the_last_epoch_just_finishes(tmp_path, learnable_data):
 
 
 def test_each_epoch_records_the_learning_rate_of_its_last_step(tmp_path, learnable_data):
-    config = quick_config(tmp_path, lr_schedule="cosine", learning_rate=0.01, warmup_epochs=1.0)
+    config = quick_config(tmp_path, epochs=3, lr_schedule="cosine", learning_rate=0.01, warmup_epochs=1.0)
     result = train(config)
     schedule = learning_rate_schedule(config.resolved(), steps_per_epoch=8)
     expected = [float(schedule(8 * epoch - 1)) for epoch in (1, 2, 3)]

@@ -15,27 +15,19 @@ import numpy as np
 import optax
 import pytest
 
-from cifar_jax import TrainConfig, checkpoint, train
+from cifar_jax import checkpoint, train
 from cifar_jax.errors import CheckpointError, ConfigError, TrainingDivergedError
 from cifar_jax.evaluate import evaluate
 from cifar_jax.models import abstract_params
 from cifar_jax.predict import Predictor
-from learnable import class_coloured_dataset
+from learnable import quick_config
 
 train_module = importlib.import_module("cifar_jax.train")
+LEARNABLE_SIZES = (256, 40)  # training and test images of the learnable problem
 
 
-@pytest.fixture
-def learnable_data(monkeypatch):
-    dataset = class_coloured_dataset(num_train=256, num_test=40)
-    monkeypatch.setattr(train_module, "load_cifar10", lambda data_dir=None, source="auto": dataset)
-    return dataset
 
 
-def quick_config(tmp_path, **overrides) -> TrainConfig:
-    values = dict(model="model0", epochs=2, batch_size=32, eval_batch_size=40, workdir=str(tmp_path / "run"),
-                  progress=False)
-    return TrainConfig(**{**values, **overrides})
 
 
 def flat(params):

@@ -16,23 +16,15 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from cifar_jax import Callback, TrainConfig, cli, train
 from cifar_jax.summaries import EPOCH_SCALARS, HPARAMS_RUN
-from learnable import class_coloured_dataset
+from learnable import quick_config
 
 train_module = importlib.import_module("cifar_jax.train")
+LEARNABLE_SIZES = (256, 40)  # training and test images of the learnable problem
 STEPS_PER_EPOCH = 8  # 256 training images at batch 32
 
 
-@pytest.fixture
-def learnable_data(monkeypatch):
-    dataset = class_coloured_dataset(num_train=256, num_test=40)
-    monkeypatch.setattr(train_module, "load_cifar10", lambda data_dir=None, source="auto": dataset)
-    return dataset
 
 
-def quick_config(tmp_path, **overrides) -> TrainConfig:
-    values = dict(model="model0", epochs=2, batch_size=32, eval_batch_size=40, workdir=str(tmp_path / "run"),
-                  progress=False)
-    return TrainConfig(**{**values, **overrides})
 
 
 def events(logdir: Path) -> EventAccumulator:

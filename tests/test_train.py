@@ -17,7 +17,7 @@ from cifar_jax import rundir
 from cifar_jax.errors import ConfigError, DataError, TrainingDivergedError
 from cifar_jax.steps import all_finite
 from cifar_jax.train import epoch_order
-from learnable import class_coloured_dataset
+from learnable import quick_config
 from stop_signals import StopAfterSteps
 
 # `cifar_jax.train` the attribute is the train() function; the module itself is reached this way.
@@ -27,18 +27,8 @@ METRIC_KEYS = {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accur
                "epoch_seconds", "images_per_second"}
 
 
-@pytest.fixture
-def learnable_data(monkeypatch):
-    """Route the trainer's data loading to a small learnable problem (the loader has its own tests)."""
-    dataset = class_coloured_dataset(num_train=512, num_test=101)
-    monkeypatch.setattr(train_module, "load_cifar10", lambda data_dir=None, source="auto": dataset)
-    return dataset
 
 
-def quick_config(tmp_path, **overrides) -> TrainConfig:
-    values = dict(model="model0", epochs=2, batch_size=32, eval_batch_size=40, workdir=str(tmp_path / "run"),
-                  progress=False)
-    return TrainConfig(**{**values, **overrides})
 
 
 def flat(params):
