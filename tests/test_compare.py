@@ -115,6 +115,18 @@ def test_a_toml_or_json_file_gives_the_comparison_and_flags_override_it(tmp_path
         comparison_from_options(None, {}, "model0", ["model=model1"], "cmp")
 
 
+def test_a_toml_file_can_hold_a_search_its_trials_and_sampler(tmp_path):
+    (tmp_path / "s.toml").write_text('out = "cmp"\ntrials = 12\nsampler = "random"\nworkers = 2\nprune = "median"\n'
+                                     '[search]\nlearning_rate = "log:1e-4:1e-2"\ncutout = "int:0:8"\n')
+    spec = comparison_from_options(str(tmp_path / "s.toml"), {}, "model0", [], None,
+                                   search_options=["label_smoothing=uniform:0:0.2"])
+    assert (spec.trials, spec.sampler, spec.workers, spec.prune) == (12, "random", 2, "median")
+    assert spec.search == {"learning_rate": "log:1e-4:1e-2", "cutout": "int:0:8", "label_smoothing": "uniform:0:0.2"}
+    dimensions = compare_module.typed_search(spec.search)
+    assert [(d.kind, d.low, d.high) for d in dimensions.values()] == [("log", 1e-4, 1e-2), ("int", 0, 8),
+                                                                      ("uniform", 0.0, 0.2)]
+
+
 # ---------------------------------------------------------------- a real 2x2 grid, killed mid-way and completed
 
 
