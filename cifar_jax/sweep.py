@@ -80,17 +80,19 @@ def open_study(out_dir: Path, storage: Optional[str], identity: Mapping[str, Any
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     name = STUDY_NAME_PREFIX + Path(out_dir).absolute().name
-    study = optuna.create_study(study_name=name, storage=open_storage(storage_spec(out_dir, storage)),
-                                direction="maximize", load_if_exists=True, pruner=pruner_for(pruner, epochs),
-                                sampler=sampler_for(sampler, seed))
-    saved = study.user_attrs.get("comparison")
-    if saved is None:
-        study.set_user_attr("comparison", dict(identity))
-        study.set_user_attr("sampler", sampler)
-        study.set_user_attr("seed", seed)
-    elif saved != dict(identity):
-        raise ConfigError(f"the storage holds a different sweep under the name {name!r} (saved {saved}, asked "
-                          f"{dict(identity)}): use a new --out, or another --storage")
+    # Under the lock: two workers starting at once would both create the storage's tables (SQLite refused one).
+    with locked(out_dir):
+        study = optuna.create_study(study_name=name, storage=open_storage(storage_spec(out_dir, storage)),
+                                    direction="maximize", load_if_exists=True, pruner=pruner_for(pruner, epochs),
+                                    sampler=sampler_for(sampler, seed))
+        saved = study.user_attrs.get("comparison")
+        if saved is None:
+            study.set_user_attr("comparison", dict(identity))
+            study.set_user_attr("sampler", sampler)
+            study.set_user_attr("seed", seed)
+        elif saved != dict(identity):
+            raise ConfigError(f"the storage holds a different sweep under the name {name!r} (saved {saved}, "
+                              f"asked {dict(identity)}): use a new --out, or another --storage")
     return study
 
 
