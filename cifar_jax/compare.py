@@ -34,7 +34,7 @@ from cifar_jax import distributed, rundir, sweep
 from cifar_jax.config import RUN_IDENTITY_FIELDS, TrainConfig, check_positive_integer, conflicting_fields
 from cifar_jax.flags import value_type
 from cifar_jax.distributed import exiting_at_once_on_stuck_threads, signal_on_parent_death
-from cifar_jax.errors import CheckpointSaveError, CifarJaxError, ConfigError, first_line
+from cifar_jax.errors import CheckpointSaveError, CifarJaxError, ConfigError, SweepError, first_line
 from cifar_jax.models import MODELS, count_params
 from cifar_jax.report import markdown_table
 from cifar_jax.train import train
@@ -368,6 +368,8 @@ def is_settled(run: Run) -> bool:
 def train_run(config: TrainConfig, callbacks: Sequence = ()) -> dict:
     """Train or resume one run and record how it ended in WORKDIR/compare_result.json; errors are recorded."""
     workdir = Path(config.workdir)
+    if rundir.in_use(workdir):  # another worker trains it (it took the run before this one's trial was queued)
+        return {"status": RUNNING, "error": None}
     (workdir / RUN_RECORD_FILE).unlink(missing_ok=True)  # until it ends again, the run is not finished
     started = time.perf_counter()
     fatal = None
@@ -439,10 +441,12 @@ def tell(study, trial, record: dict) -> None:
     """The run's end as the trial's: its last test accuracy (the objective), pruned, or failed."""
     from optuna.trial import TrialState
 
+    # A trial another process failed as stale (this one stalled) stays failed; the run's own record says how it ended.
     if record["status"] == FINISHED:
-        study.tell(trial, record["test_accuracy"])
+        study.tell(trial, record["test_accuracy"], skip_if_finished=True)
     else:
-        study.tell(trial, state=TrialState.PRUNED if record["status"] == PRUNED else TrialState.FAIL)
+        study.tell(trial, state=TrialState.PRUNED if record["status"] == PRUNED else TrialState.FAIL,
+                   skip_if_finished=True)
 
 
 def work_on_study(spec: Sweep, study, runs: Sequence[Run], on_run_end=lambda: None) -> None:
@@ -452,22 +456,26 @@ def work_on_study(spec: Sweep, study, runs: Sequence[Run], on_run_end=lambda: No
 
     space, by_name = spec.space, {run.name: run for run in runs}
 
-    def prepare(trial) -> None:  # its parameters (a queued trial's fixed ones) and its run's name
+    def prepare(trial) -> bool:  # its parameters (a queued trial's fixed ones) and its run's name
+        queued_as = trial.user_attrs.get(sweep.RUN_ATTR)
+        if not spec.search and queued_as not in by_name:  # queued with values this grid no longer holds
+            return False
         settings = {field: dimension.suggest(trial, field) for field, dimension in space.items()}
         # A search's every trial is a run of its own, even where two sample the same values.
-        name = run_name({"trial": trial.number, **settings}) if spec.search else run_name(settings)
-        trial.set_user_attr(sweep.RUN_ATTR, trial.user_attrs.get(sweep.RUN_ATTR) or name)
+        trial.set_user_attr(sweep.RUN_ATTR, queued_as or run_name({"trial": trial.number, **settings}))
+        return True
 
     budget = spec.trials if spec.search else None
     while (trial := sweep.take_next(study, spec.out_dir, prepare, budget)) is not None:
         name = trial.user_attrs[sweep.RUN_ATTR]
-        if not spec.search and name not in by_name:  # queued by a comparison with another grid: left to it
-            study.tell(trial, state=TrialState.FAIL)
-            continue
         run = by_name.get(name) or make_run(spec.base, {f: trial.params[f] for f in space}, spec.out_dir, name)
         print(f"{run.name}: training (trial {trial.number})", flush=True)
-        with sweep.heartbeat(trial):
-            record = train_run(run.config, [sweep.PruningReport(trial)] if spec.prune != "none" else [])
+        try:
+            with sweep.heartbeat(trial):
+                record = train_run(run.config, [sweep.PruningReport(trial)] if spec.prune != "none" else [])
+        except BaseException:  # Ctrl-C before training could take it over: the run is taken again next time
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            raise
         tell(study, trial, record)
         _announce(run, record)
         on_run_end()
@@ -706,9 +714,21 @@ def compare(base_config: TrainConfig, grid: Mapping[str, Any], out_dir: Optional
     runs = [] if spec.search else plan_runs(spec.base, spec.grid, spec.out_dir)
     check_out_dir(runs, spec.out_dir, check_left_out=not spec.search)
     spec.out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run_sweep(spec, runs, workers)
+    except Exception as error:
+        if isinstance(error, CifarJaxError) or not sweep.is_storage_error(error):
+            raise
+        raise SweepError(f"the sweep's storage failed ({first_line(error)}): run the same command again to resume; "
+                         "with several machines, use a PostgreSQL --storage rather than SQLite on a shared "
+                         "filesystem") from None
+
+
+def _run_sweep(spec: Sweep, runs: Sequence[Run], workers: int) -> list[dict]:
     study = spec.open_study()
     if spec.search:
-        sweep.requeue_interrupted(study, spec.out_dir, lambda name: _interrupted(spec.out_dir / RUNS_SUBDIR / name))
+        sweep.requeue_interrupted(study, spec.out_dir,
+                                  lambda name: not _settled_record(spec.out_dir / RUNS_SUBDIR / name))
     else:
         settled = {run.name for run in settled_runs(runs)}
         sweep.queue_runs(study, spec.out_dir, [(run.name, run.settings) for run in runs if run.name not in settled])
@@ -717,13 +737,17 @@ def compare(base_config: TrainConfig, grid: Mapping[str, Any], out_dir: Optional
         work_on_study(spec, study, runs, lambda: write_results(spec, current_runs(), study=study))
     else:
         write_spec(spec)
-        run_workers(spec.out_dir, workers)
-    return write_results(spec, current_runs(), plot=True, study=study)
+        codes = run_workers(spec.out_dir, workers)
+    rows = write_results(spec, current_runs(), plot=True, study=study)
+    if workers > 1 and any(code not in (0, 130, 143, -2, -15) for code in codes):
+        raise SweepError(f"{sum(code != 0 for code in codes)} of {workers} workers ended with an error (exit codes "
+                         f"{codes}): their lines above say why; run the same command again to resume the sweep")
+    return rows
 
 
-def _interrupted(workdir: Path) -> bool:
-    """A search's run to take again: interrupted, or its worker died before it could say how it ended."""
-    return read_run_record(workdir).get("status", INTERRUPTED) == INTERRUPTED
+def _settled_record(workdir: Path) -> bool:
+    """A search's run not to take again: it finished or was pruned (interrupted, failed or dead ones are retried)."""
+    return read_run_record(workdir).get("status") in SETTLED
 
 
 def _checked_sweep(base_config, grid, out_dir, workers, storage, prune, search, trials, sampler) -> Sweep:

@@ -26,6 +26,10 @@ class RunFolderError(CifarJaxError):
     """A file of the run folder (metrics, plots, report) could not be written."""
 
 
+class SweepError(CifarJaxError):
+    """A comparison's study or its workers failed (storage errors, a worker that crashed)."""
+
+
 class TrainingDivergedError(CifarJaxError):
     """Loss or gradients became NaN/Inf."""
 

@@ -217,6 +217,17 @@ def removed_if_left_empty(workdir: Path, made_here: bool) -> Iterator[None]:
         raise
 
 
+def in_use(workdir: Path) -> bool:
+    """Whether a training run holds the folder now (its lock is taken)."""
+    try:
+        with exclusive_use(Path(workdir)):
+            return False
+    except ConfigError:
+        return True
+    except OSError:  # no folder yet: nobody trains in it
+        return False
+
+
 @contextlib.contextmanager
 def exclusive_use(workdir: Path, take_lock: bool = True) -> Iterator[None]:
     """Refuse a second run training into the same folder at the same time: their checkpoints and metrics would mix.

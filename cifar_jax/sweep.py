@@ -16,6 +16,7 @@ import fcntl
 import os
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
@@ -72,6 +73,25 @@ def pruner_for(name: str, epochs: int):
     return optuna.pruners.NopPruner()
 
 
+def study_name(out_dir: Path) -> str:
+    """The folder's name with its parent's: the same on every machine, whatever the mount point, and distinct for
+    comparisons such as exp1/lr and exp2/lr that share one database."""
+    folder = Path(out_dir).absolute()
+    return STUDY_NAME_PREFIX + f"{folder.parent.name}/{folder.name}"
+
+
+def is_storage_error(error: BaseException) -> bool:
+    """Errors of the storage itself (a database that is locked, a lost connection), not of this package."""
+    import optuna
+
+    try:
+        from sqlalchemy.exc import SQLAlchemyError
+    except ImportError:  # journal storages need no SQLAlchemy
+        SQLAlchemyError = ()  # noqa: N806
+    return isinstance(error, (optuna.exceptions.StorageInternalError, *(
+        (SQLAlchemyError,) if SQLAlchemyError else ())))
+
+
 def open_study(out_dir: Path, storage: Optional[str], identity: Mapping[str, Any], pruner: str, epochs: int,
                sampler: str = "random", seed: int = 0):
     """The comparison's study, made on first use. One that holds another sweep (other grid fields or base settings)
@@ -79,7 +99,7 @@ def open_study(out_dir: Path, storage: Optional[str], identity: Mapping[str, Any
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    name = STUDY_NAME_PREFIX + Path(out_dir).absolute().name
+    name = study_name(out_dir)
     # Under the lock: two workers starting at once would both create the storage's tables (SQLite refused one).
     with locked(out_dir):
         study = optuna.create_study(study_name=name, storage=open_storage(storage_spec(out_dir, storage)),
@@ -116,7 +136,7 @@ def fail_stale_trials(study) -> list[str]:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         alive_at = trial.user_attrs.get(ALIVE_ATTR, trial.datetime_start.timestamp() if trial.datetime_start else 0)
         if time.time() - alive_at > STALE_AFTER_SECONDS:
-            study.tell(trial.number, state=TrialState.FAIL)
+            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
             stale.append(trial.user_attrs.get(RUN_ATTR))
     return stale
 
@@ -184,22 +204,25 @@ def write_plots(study, out_dir: Path, searched: bool) -> None:
 def take_next(study, out_dir: Path, prepare, budget: Optional[int] = None):
     """The next run's trial, now running in this process: a queued one, else (for a search with runs left in its
     `budget`) a new one. `prepare(trial)` gives it its parameters and run name while no other worker can ask, so a
-    budget is never overshot. None when there is nothing left to take."""
+    budget is never overshot, or returns False for a trial this comparison does not hold (it is failed and the next
+    one taken). None when there is nothing left to take."""
     from optuna.trial import TrialState
 
     with locked(out_dir):
         fail_stale_trials(study)
-        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-        if not waiting and (budget is None or len(run_names(study)) >= budget):
-            return None
-        # Each trial samples from a generator seeded by (seed, trial number): workers in other processes draw
-        # different values, and the same study replays the same ones.
-        study.sampler = sampler_for(study.user_attrs.get("sampler", "random"),
-                                    study.user_attrs.get("seed", 0) + len(study.get_trials(deepcopy=False)))
-        trial = study.ask()
-        trial.set_user_attr(ALIVE_ATTR, time.time())
-        prepare(trial)
-        return trial
+        while True:
+            waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+            if not waiting and (budget is None or len(run_names(study)) >= budget):
+                return None
+            # Each trial samples from a generator seeded by (seed, trial number): workers in other processes draw
+            # different values, and the same study replays the same ones.
+            study.sampler = sampler_for(study.user_attrs.get("sampler", "random"),
+                                        study.user_attrs.get("seed", 0) + len(study.get_trials(deepcopy=False)))
+            trial = study.ask()
+            trial.set_user_attr(ALIVE_ATTR, time.time())
+            if prepare(trial):
+                return trial
+            study.tell(trial, state=TrialState.FAIL)  # queued by a comparison with other values: not this one's
 
 
 def run_names(study) -> list[str]:
@@ -279,6 +302,11 @@ class PruningReport(Callback):
         self.trial = trial
 
     def on_epoch_end(self, run: TrainingRun, metrics: dict) -> None:
-        self.trial.report(metrics["test_accuracy"], metrics["epoch"])
-        if self.trial.should_prune():
+        try:
+            self.trial.report(metrics["test_accuracy"], metrics["epoch"])
+            prune = self.trial.should_prune()
+        except Exception as error:  # the storage is busy or gone: the run trains on, unpruned
+            warnings.warn(f"could not report epoch {metrics['epoch']} to the sweep: {one_line(error)}")
+            return
+        if prune:
             run.request_stop(self.PRUNED)

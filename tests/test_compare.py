@@ -50,7 +50,7 @@ def metrics(workdir: Path) -> list[dict]:
 def study_trials(out: Path) -> list:
     import optuna
 
-    study = optuna.load_study(study_name=sweep.STUDY_NAME_PREFIX + out.name, storage=f"sqlite:///{out / 'study.db'}")
+    study = optuna.load_study(study_name=sweep.study_name(out), storage=f"sqlite:///{out / 'study.db'}")
     return study.get_trials()
 
 
@@ -466,7 +466,7 @@ def test_a_journal_file_storage_holds_the_sweep(learnable_data_dir, tmp_path):
                  "--num-devices", "1", "--data-dir", str(learnable_data_dir), "--out", str(out), "--no-progress",
                  "--storage", str(journal)]) == 0
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
-    study = optuna.load_study(study_name=sweep.STUDY_NAME_PREFIX + "sweep", storage=storage)
+    study = optuna.load_study(study_name=sweep.study_name(out), storage=storage)
     assert [(trial.user_attrs["run"], trial.state.name) for trial in study.trials] == [("model=model0", "COMPLETE")]
 
 
@@ -497,7 +497,8 @@ def test_a_storage_holding_another_sweep_under_this_out_is_refused(tmp_path, cap
     assert main(["compare", "--models", "model0", "--epochs", "1", "--data", "synthetic", "--out", str(out)]) == 0
     assert main(["compare", "--models", "model0", "--epochs", "1", "--data", "synthetic", "--out", str(out),
                  "--grid", "seed=0,1"]) == 2
-    assert "the storage holds a different sweep under the name 'cifar-jax-compare:cmp'" in capsys.readouterr().err
+    assert f"the storage holds a different sweep under the name 'cifar-jax-compare:{tmp_path.name}/cmp'" in (
+        capsys.readouterr().err)
 
 
 def search_arguments(data_dir: Path, out: Path, *more: str) -> list[str]:
@@ -544,6 +545,25 @@ def test_a_bad_search_is_one_line(tmp_path, capsys, arguments, message):
     error = capsys.readouterr().err
     assert code == 2 and re.search(message, error) and error.count("\n") == 1, error
     assert not (tmp_path / "cmp").exists()
+
+
+def test_runs_queued_by_an_earlier_grid_with_other_values_are_left_alone(tmp_path, monkeypatch):
+    out, base = tmp_path / "cmp", TrainConfig(model="model0", epochs=1, data="synthetic")
+    with monkeypatch.context() as patch:  # interrupted before any run started: both stay queued
+        patch.setattr(compare_module, "work_on_study", lambda *args, **kwargs: None)
+        compare(base, {"learning_rate": [1e-3, 1e-2]}, out)
+    trained = []
+
+    def fake_training(config, callbacks=()):
+        trained.append(config.learning_rate)
+        return {"status": "finished", "error": None, "test_accuracy": 0.5}
+
+    monkeypatch.setattr(compare_module, "train_run", fake_training)
+    compare(base, {"learning_rate": [1e-3, 3e-3]}, out)
+    assert sorted(trained) == [1e-3, 3e-3]  # the earlier grid's 1e-2 was not this comparison's to train
+    states = sorted((trial.user_attrs["run"], trial.state.name) for trial in study_trials(out))
+    assert states == [("learning_rate=0.001", "COMPLETE"), ("learning_rate=0.003", "COMPLETE"),
+                      ("learning_rate=0.01", "FAIL")]
 
 
 # ---------------------------------------------------------------- scripts/reproduce_tutorial.py
