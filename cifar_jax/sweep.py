@@ -178,8 +178,7 @@ def requeue_interrupted(study, out_dir: Path, is_interrupted) -> list[str]:
 def write_plots(study, out_dir: Path, searched: bool) -> None:
     """Optuna's own pictures of the sweep (matplotlib): the objective over trials; for a search also which
     parameters mattered and a parallel-coordinate view. A plot Optuna cannot draw yet (too few trials) is skipped."""
-    import warnings
-
+    import matplotlib.pyplot as pyplot
     import optuna.visualization.matplotlib as optuna_plots
 
     plots = {"optimization_history.png": optuna_plots.plot_optimization_history}
@@ -193,8 +192,6 @@ def write_plots(study, out_dir: Path, searched: bool) -> None:
                 axes = plot(study)
             figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
             figure.savefig(Path(out_dir) / file, bbox_inches="tight")
-            import matplotlib.pyplot as pyplot
-
             pyplot.close(figure)
         except Exception as error:  # too few finished trials for this view, or a parameter Optuna cannot plot
             (Path(out_dir) / file).unlink(missing_ok=True)
